@@ -1,0 +1,329 @@
+"""The one config tree: every hyperparameter of a pretraining run lives here.
+
+A run is described by a YAML file in `configs/` plus dotted `key=value` overrides from the
+command line. The `model` section is the discriminator's HF `config.json` (see
+`model_config.DebertaV2Config`); every other section is a small frozen dataclass below.
+Unknown keys and wrong types are rejected before anything starts, with the dotted key named.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from debertina_jax.model_config import ConfigError, DebertaV2Config
+
+
+@dataclass(frozen=True)
+class GeneratorConfig:
+    """The ELECTRA generator: same width as the discriminator, fewer layers."""
+
+    num_hidden_layers: int | None = None  # None: half the discriminator's depth (official recipe)
+    embedding_sharing: str = "gdes"  # gdes | es | nes (DeBERTa-v3 paper, section 3)
+    enhanced_mask_decoder: bool = False  # the official generator's EMD; HF cannot run it
+    temperature: float = 1.0  # sampling temperature for replacements
+
+    def __post_init__(self) -> None:
+        _check_choice("generator.embedding_sharing", self.embedding_sharing, ("gdes", "es", "nes"))
+        if self.temperature <= 0:
+            raise ConfigError(f"generator.temperature must be > 0, got {self.temperature}")
+        if self.num_hidden_layers is not None and self.num_hidden_layers < 1:
+            raise ConfigError(
+                f"generator.num_hidden_layers must be >= 1, got {self.num_hidden_layers}"
+            )
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the text comes from, how it is tokenized, packed and masked."""
+
+    source: str = "files"  # files | tfds | hf
+    # Local text (.txt, .jsonl, .json.gz, .parquet; globs and directories). Empty: the
+    # sample corpus that ships with the package.
+    train_files: tuple[str, ...] = ()
+    encoding: str = "utf-8"
+    errors: str = "strict"  # strict | replace | ignore: what to do with undecodable bytes
+    tfds_name: str = "c4/multilingual:3.0.1"
+    tfds_split: str = "pt"
+    tfds_data_dir: str | None = None
+    hf_name: str = "allenai/c4"
+    hf_config: str = "pt"
+    hf_split: str = "train"
+    max_documents: int | None = None  # cap for streaming sources
+    vocab_size: int = 128000  # sentencepiece pieces; [MASK] gets id = vocab_size
+    tokenizer_dir: str | None = None  # None: WORKDIR/tokenizer, trained when missing
+    prepared_dir: str | None = None  # None: WORKDIR/data, prepared when missing
+    max_seq_length: int = 512
+    eval_lines: int = 256  # packed lines held out for evaluation
+    prepare_workers: int = 0  # 0: one per CPU core
+    mask_prob: float = 0.15
+    mask_strategy: str = "mask"  # mask (official v3: always [MASK]) | bert (80/10/10)
+    max_predictions: int | None = None  # None: ceil(mask_prob * max_seq_length) rounded up to 8
+
+    def __post_init__(self) -> None:
+        _check_choice("data.source", self.source, ("files", "tfds", "hf"))
+        _check_choice("data.mask_strategy", self.mask_strategy, ("mask", "bert"))
+        _check_choice("data.errors", self.errors, ("strict", "replace", "ignore"))
+        if self.max_seq_length < 8:
+            raise ConfigError(f"data.max_seq_length must be >= 8, got {self.max_seq_length}")
+        if not 0.0 < self.mask_prob < 1.0:
+            raise ConfigError(f"data.mask_prob must be in (0, 1), got {self.mask_prob}")
+        if self.vocab_size < 8:
+            raise ConfigError(f"data.vocab_size must be >= 8, got {self.vocab_size}")
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW with linear warmup and linear decay, as in the official recipe."""
+
+    learning_rate: float = 3e-4
+    warmup_steps: int = 10000
+    end_learning_rate: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-6
+    weight_decay: float = 0.01
+    clip_norm: float = 1.0
+    grad_accum_steps: int = 1
+
+    def __post_init__(self) -> None:
+        if self.grad_accum_steps < 1:
+            raise ConfigError(
+                f"optimizer.grad_accum_steps must be >= 1, got {self.grad_accum_steps}"
+            )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 8  # global batch, across all hosts and devices
+    seed: int = 0
+    rtd_weight: float = 50.0  # lambda in loss = MLM + lambda * RTD (paper and ELECTRA)
+    dtype: str = "float32"  # compute dtype; master weights stay float32
+    attention_impl: str = "auto"  # see attention.py; auto picks per backend
+    scan_layers: bool = False
+    remat: str = "none"  # none | full | dots
+    log_every_steps: int = 10
+    eval_every_steps: int = 100
+    eval_batches: int = 4
+    max_consecutive_nonfinite: int = 5  # skipped updates in a row before the run stops
+
+    def __post_init__(self) -> None:
+        _check_choice("train.dtype", self.dtype, ("float32", "bfloat16"))
+        _check_choice("train.remat", self.remat, ("none", "full", "dots"))
+        for name in ("steps", "batch_size", "log_every_steps", "eval_every_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh sizes; -1 means "all the devices the other axes leave"."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    # Logical parameter axis (see layers.py) -> mesh axis. Unlisted axes are replicated.
+    rules: tuple[tuple[str, str | None], ...] = (
+        ("vocab", "tensor"),
+        ("embed", "fsdp"),
+        ("heads", "tensor"),
+        ("mlp", "tensor"),
+        ("relpos", None),
+        ("layers", None),
+    )
+    distributed: str = "auto"  # auto | on | off: call jax.distributed.initialize
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every_steps: int = 1000
+    keep: int = 3
+    async_save: bool = True
+
+
+@dataclass(frozen=True)
+class InitConfig:
+    """Continued pretraining: start from HF directories instead of random weights."""
+
+    discriminator_from_hf: str | None = None
+    generator_from_hf: str | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    model: DebertaV2Config = field(default_factory=DebertaV2Config)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-Python form (YAML/JSON-safe) that `config_from_dict` reads back."""
+        out: dict[str, Any] = {"model": self.model.to_dict()}
+        for f in dataclasses.fields(self):
+            if f.name != "model":
+                out[f.name] = _to_plain(dataclasses.asdict(getattr(self, f.name)))
+        return out
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+def _check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Checks `value` against a type hint, converting only where it is lossless."""
+    origin = typing.get_origin(hint)
+    if origin in (types.UnionType, typing.Union):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: expected {_hint_name(hint)}, got {value!r}")
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if isinstance(value, str) and args and args[0] is str:
+            value = [value]  # a single glob where a list of files is expected
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value))
+        if len(args) != len(value):
+            raise ConfigError(f"{key}: expected {len(args)} items, got {value!r}")
+        pairs = enumerate(zip(value, args, strict=True))
+        return tuple(_coerce(f"{key}[{i}]", v, a) for i, (v, a) in pairs)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    if value is None and hint is type(None):
+        return None
+    raise ConfigError(f"{key}: unsupported value {value!r} for {_hint_name(hint)}")
+
+
+def _hint_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def _build_section(name: str, cls: type, values: Any) -> Any:
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{name}: expected a mapping of keys, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(
+            f"unknown key {name}.{unknown[0]} (known keys in '{name}': {', '.join(sorted(known))})"
+        )
+    kwargs = {k: _coerce(f"{name}.{k}", v, hints[k]) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """Builds and validates the config tree from plain YAML/JSON data."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a config must be a mapping of sections, got {type(raw).__name__}")
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    unknown = sorted(set(raw) - set(sections))
+    if unknown:
+        raise ConfigError(f"unknown config section '{unknown[0]}' (known: {', '.join(sections)})")
+    kwargs: dict[str, Any] = {}
+    for name, value in raw.items():
+        if name == "model":
+            if not isinstance(value, dict):
+                raise ConfigError(f"model: expected a mapping of keys, got {value!r}")
+            try:
+                kwargs[name] = DebertaV2Config.from_dict(value)
+            except ConfigError as e:
+                raise ConfigError(f"model: {e}") from None
+        else:
+            cls = typing.get_type_hints(Config)[name]
+            kwargs[name] = _build_section(name, cls, value)
+    return Config(**kwargs)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Applies `section.key=value` strings; values are parsed as YAML (1e-4, true, [a, b])."""
+    raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or len(parts) != 2 or not all(parts):
+            raise ConfigError(
+                f"bad override {item!r}: expected section.key=value, e.g. train.steps=200"
+            )
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            value = text  # a string YAML cannot parse (e.g. a glob with ':') stays a string
+        section, name = parts
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise ConfigError(f"cannot set {key}: '{section}' is not a section")
+        raw[section][name] = value
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Reads a YAML config file, applies overrides, and validates everything."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    try:
+        return config_from_dict(apply_overrides(raw, overrides or []))
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def generator_model_config(config: Config) -> DebertaV2Config:
+    """The generator's HF config: the discriminator's, at the generator's depth."""
+    layers = config.generator.num_hidden_layers or max(1, config.model.num_hidden_layers // 2)
+    return dataclasses.replace(config.model, num_hidden_layers=layers)
