@@ -198,14 +198,7 @@ class Checkpointer:
         restore_data: False skips the data iterator state (data_state is then None), e.g.
           for exporting, or to resume with a different number of processes.
         """
-        steps = self.all_steps()
-        if not steps:
-            raise CheckpointNotFoundError(f"no checkpoint in {self.directory}")
-        step = steps[-1] if step is None else step
-        if step not in steps:
-            raise CheckpointNotFoundError(
-                f"no checkpoint for step {step} in {self.directory}; available steps: {steps}"
-            )
+        step = self._existing_step(step)
         step_dir = self.directory / str(step)
         try:
             if abstract_state is None:
@@ -228,6 +221,31 @@ class Checkpointer:
         data_state = restored["data"] if restore_data else None
         return Restored(restored["state"], data_state, restored["meta"])
 
+    def read_meta(self, step: int | None = None) -> dict[str, Any]:
+        """Only the small JSON part of checkpoint `step` (default: the latest): config, step..."""
+        step = self._existing_step(step)
+        try:
+            restored = self._manager.restore(
+                step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+            )
+        except Exception as e:  # same policy as restore(): name the checkpoint
+            raise CheckpointRestoreError(
+                f"cannot read {self.directory / str(step)}/meta: {type(e).__name__}: {e}"
+            ) from e
+        return restored["meta"]
+
+    def _existing_step(self, step: int | None) -> int:
+        """`step`, or the latest when None; a clear error when there is no such checkpoint."""
+        steps = self.all_steps()
+        if not steps:
+            raise CheckpointNotFoundError(f"no checkpoint in {self.directory}")
+        step = steps[-1] if step is None else step
+        if step not in steps:
+            raise CheckpointNotFoundError(
+                f"no checkpoint for step {step} in {self.directory}; available steps: {steps}"
+            )
+        return step
+
     def wait(self) -> None:
         """Blocks until a background save has finished (and raises its error, if any)."""
         self._manager.wait_until_finished()
@@ -241,6 +259,12 @@ class Checkpointer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def read_checkpoint_meta(workdir: str | os.PathLike, step: int | None = None) -> dict[str, Any]:
+    """The JSON part (config, step, tokens seen) of a run's checkpoint, without any arrays."""
+    with Checkpointer(workdir, every_steps=1, keep=1, read_only=True) as checkpointer:
+        return checkpointer.read_meta(step)
 
 
 def restore_checkpoint(

@@ -60,7 +60,9 @@ def data_paths(config: Config, workdir: str | Path) -> tuple[Path, Path]:
     return tokenizer_dir, data_dir
 
 
-def ensure_data(config: Config, workdir: str | Path, *, prepare_missing: bool = True) -> PreparedData:
+def ensure_data(
+    config: Config, workdir: str | Path, *, prepare_missing: bool = True
+) -> PreparedData:
     """Trains the tokenizer and prepares the shards when missing; checks them against the config.
 
     With `prepare_missing=False` (the non-main hosts of a pod) nothing is written: the data

@@ -1,0 +1,64 @@
+"""Reading a pretraining run back: `load_checkpoint(workdir)` -> generator and discriminator.
+
+Works on any machine with one CPU, whatever mesh the run was trained on: orbax reshards the
+arrays onto a single CPU device. The discriminator comes back with its GDES embedding merged
+(E_G + E_delta), ready for `convert.to_hf` or for use as it is.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from debertina_jax.checkpointing import (
+    CheckpointRestoreError,
+    read_checkpoint_meta,
+    restore_checkpoint,
+)
+from debertina_jax.config import Config, MeshConfig, config_from_dict
+from debertina_jax.data.workdir import data_paths
+from debertina_jax.models import DebertaV2ForMaskedLM, DebertaV2ForReplacedTokenDetection
+from debertina_jax.sharding import make_mesh
+from debertina_jax.train_step import abstract_train_state, merge_pair
+
+
+@dataclass
+class PretrainedCheckpoint:
+    generator: DebertaV2ForMaskedLM
+    discriminator: DebertaV2ForReplacedTokenDetection  # GDES embedding merged
+    config: Config
+    tokenizer_dir: Path
+    step: int
+    meta: dict[str, Any]
+
+
+def load_checkpoint(workdir: str | os.PathLike, step: int | None = None) -> PretrainedCheckpoint:
+    """Restores checkpoint `step` (default: the latest) of the run in `workdir` on the CPU."""
+    workdir = Path(workdir)
+    # The config is stored in the checkpoint itself, so read its metadata first.
+    meta = read_checkpoint_meta(workdir, step)
+    try:
+        config = config_from_dict(meta["config"])
+    except (KeyError, ValueError) as e:
+        raise CheckpointRestoreError(
+            f"{workdir}: the config stored in checkpoint {meta.get('step')} is unreadable: {e}"
+        ) from None
+    cpu = jax.devices("cpu")[0]
+    mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), devices=[cpu])
+    with jax.default_device(cpu):
+        graphdef, abstract, _ = abstract_train_state(config, mesh, config.train.seed)
+        state = restore_checkpoint(workdir, meta["step"], abstract_state=abstract).state
+        pair = merge_pair(graphdef, state)
+        tokenizer_dir, _ = data_paths(config, workdir)
+        return PretrainedCheckpoint(
+            generator=pair.export_generator(),
+            discriminator=pair.export_discriminator(),
+            config=config,
+            tokenizer_dir=tokenizer_dir,
+            step=int(meta["step"]),
+            meta=meta,
+        )

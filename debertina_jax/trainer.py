@@ -1,0 +1,212 @@
+"""The pretraining loop: prepared data in; checkpoints, metrics and evaluations out.
+
+The order of things, file by file: `data/workdir.py` makes the tokenizer and shards,
+`data/loader.py` reads them, `train_step.py` masks, runs the generator and the
+discriminator and updates both (inside one jitted function), `checkpointing.py` saves
+everything needed to resume exactly, `metrics_log.py` records progress.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import yaml
+
+from debertina_jax import distributed
+from debertina_jax.checkpointing import Checkpointer
+from debertina_jax.config import Config
+from debertina_jax.data.loader import make_eval_loader, make_loader
+from debertina_jax.data.workdir import PreparedData, ensure_data
+from debertina_jax.metrics_log import MetricsLogger
+from debertina_jax.sharding import batch_sharding, make_mesh
+from debertina_jax.train_step import (
+    create_train_state,
+    make_eval_step,
+    make_train_step,
+    shardings_of,
+    step_rng,
+)
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.yaml"
+
+
+class TrainingStopped(RuntimeError):
+    """The run cannot go on (e.g. the loss stayed non-finite); the last checkpoint is intact."""
+
+
+@dataclass
+class RunResult:
+    workdir: Path
+    stage: str
+    step: int = 0
+    stopped_early: bool = False  # preempted (SIGTERM) or interrupted
+    last_metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+    last_eval: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def summary(self) -> str:
+        if self.stage != "all":
+            return f"{self.stage} ready in {self.workdir}"
+        how = "stopped early (resume with the same command)" if self.stopped_early else "finished"
+        text = f"training {how} at step {self.step}; checkpoints in {self.workdir / 'checkpoints'}"
+        if self.last_eval:
+            shown = ", ".join(f"{k}={v:.4g}" for k, v in sorted(self.last_eval.items()))
+            text += f"\nlast eval: {shown}"
+        return text
+
+
+def _write_config(config: Config, workdir: Path) -> None:
+    """Keeps the run's config next to it, so `run_pretrain.py --workdir DIR` can resume."""
+    path = workdir / CONFIG_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
+    tmp.replace(path)
+
+
+def _prepare(config: Config, workdir: Path) -> PreparedData:
+    """Process 0 builds the tokenizer and shards; the others wait and then read them."""
+    if jax.process_count() == 1:
+        return ensure_data(config, workdir)
+    from jax.experimental import multihost_utils
+
+    if jax.process_index() == 0:
+        ensure_data(config, workdir)
+    multihost_utils.sync_global_devices("debertina_jax: data prepared")
+    return ensure_data(config, workdir, prepare_missing=False)
+
+
+def _global_batch(local: dict[str, np.ndarray], sharding: jax.sharding.Sharding) -> dict:
+    """Each process's slice of the batch -> one global array sharded over the mesh."""
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+
+
+def evaluate(eval_step, state, prepared: PreparedData, config: Config, sharding) -> dict:
+    """Mean metrics over the first `train.eval_batches` batches of the held-out split."""
+    loader = make_eval_loader(
+        prepared.data_dir,
+        "eval",
+        config.train.batch_size,
+        max_seq_length=config.data.max_seq_length,
+    )
+    totals: dict[str, float] = {}
+    count = 0
+    try:
+        for i, batch in enumerate(loader):
+            if i >= config.train.eval_batches:
+                break
+            # The eval step is deterministic (no dropout); a fixed key keeps masks comparable
+            # from one evaluation to the next.
+            metrics = jax.device_get(
+                eval_step(state, _global_batch(batch, sharding), jax.random.key(i))
+            )
+            for name, value in metrics.items():
+                totals[name] = totals.get(name, 0.0) + float(value)
+            count += 1
+    finally:
+        loader.close()
+    return {name: total / max(count, 1) for name, total in totals.items()}
+
+
+def pretrain(config: Config, workdir: str | Path, *, stage: str = "all") -> RunResult:
+    """Runs (or resumes) the pretraining described by `config` in `workdir`."""
+    workdir = Path(workdir)
+    distributed.maybe_initialize(config.mesh.distributed)
+    workdir.mkdir(parents=True, exist_ok=True)
+    main = distributed.is_main_process()
+    if main:
+        _write_config(config, workdir)
+    prepared = _prepare(config, workdir)
+    result = RunResult(workdir, stage)
+    if stage != "all":
+        return result
+
+    train = config.train
+    mesh = make_mesh(config.mesh)
+    graphdef, state = create_train_state(config, mesh, train.seed)
+    state_shardings = shardings_of(state)
+    checkpointer = Checkpointer(workdir, **dataclasses.asdict(config.checkpoint))
+    loader = make_loader(
+        prepared.data_dir,
+        "train",
+        train.batch_size,
+        seed=train.seed,
+        max_seq_length=config.data.max_seq_length,
+    )
+    start = checkpointer.latest_step() or 0
+    if start:
+        abstract = jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_shardings
+        )
+        restored = checkpointer.restore(start, abstract)
+        state = restored.state
+        loader.set_state(restored.data_state)
+        logger.info("resumed from the checkpoint of step %d", start)
+    result.step = start
+
+    train_step = make_train_step(config, mesh, graphdef, state_shardings)
+    eval_step = make_eval_step(config, mesh, graphdef, state_shardings)
+    sharding = batch_sharding(mesh)
+    tokens_per_step = train.batch_size * config.data.max_seq_length
+    metrics_logger = MetricsLogger(workdir, total_steps=train.steps, start_step=start)
+    watcher = distributed.PreemptionWatcher(sync_every=train.log_every_steps)
+    bad_in_a_row = 0
+    pending: dict[str, Any] | None = None
+    window_start, window_steps = time.perf_counter(), 0
+
+    def meta(step: int) -> dict[str, Any]:
+        return {"config": config.to_dict(), "tokens_seen": step * tokens_per_step}
+
+    try:
+        for step in range(start + 1, train.steps + 1):
+            batch = _global_batch(next(loader), sharding)
+            # A pure function of (seed, step): a resumed run draws the same masks and dropout.
+            state, metrics = train_step(state, batch, step_rng(train.seed, step))
+            window_steps += 1
+
+            # Look at the previous step's flag, so the host never waits on the step it has
+            # just dispatched; a skipped update left the state unchanged anyway.
+            if pending is not None:
+                bad_in_a_row = bad_in_a_row + 1 if pending["nonfinite"] else 0
+            pending = {"nonfinite": metrics["nonfinite"]}
+            if bad_in_a_row >= train.max_consecutive_nonfinite:
+                raise TrainingStopped(
+                    f"{bad_in_a_row} non-finite losses or gradients in a row before step {step}; "
+                    f"the last good checkpoint (step {checkpointer.latest_step()}) is intact. "
+                    "Lower optimizer.learning_rate or check the data."
+                )
+
+            if step % train.log_every_steps == 0 or step == train.steps:
+                row = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                elapsed = time.perf_counter() - window_start
+                row["tokens_per_second"] = window_steps * tokens_per_step / elapsed
+                row["tokens_seen"] = step * tokens_per_step
+                metrics_logger.update(step, row)
+                result.last_metrics = row
+                window_start, window_steps = time.perf_counter(), 0
+
+            if step % train.eval_every_steps == 0 or step == train.steps:
+                result.last_eval = evaluate(eval_step, state, prepared, config, sharding)
+                metrics_logger.log_eval(step, result.last_eval)
+                window_start, window_steps = time.perf_counter(), 0
+
+            stop = watcher.should_stop(step)
+            if checkpointer.should_save(step) or stop or step == train.steps:
+                checkpointer.save(step, state, loader.get_state(), meta(step), force=True)
+            result.step = step
+            if stop:
+                result.stopped_early = True
+                break
+    finally:
+        checkpointer.close()
+        metrics_logger.close()
+        watcher.close()
+        loader.close()
+    return result
