@@ -3,16 +3,17 @@
 Training order, all of it arithmetic on line numbers (a Grain MapDataset) until the last step:
 
     line numbers of the split -> global shuffle (seed; a new permutation every epoch)
-      -> this process's strided slice -> repeat -> batch of line numbers
+      -> repeat: one global stream of lines, cut into global batches of B lines
+      -> this process's block of b = B / processes rows of each global batch
       -> one batched ArrayRecord read, pad to int32 [b, max_seq_length]
 
-Shuffling before slicing makes every process see a random sample of the whole corpus, and the
-strided slice of one shared permutation makes the processes disjoint and, together, cover the
-epoch. Each slice has exactly floor(num_lines / processes) lines so that all processes stay in
-the same epoch; the few lines left over differ from epoch to epoch. Batches run across epoch
-boundaries (no partial batch is ever produced). Because the pipeline is a pure function of the
-index, the iterator state is a small dict of integers: restoring it gives exactly the batches
-that would have come next.
+Shuffling the whole split makes every process see a random sample of the corpus; taking
+contiguous blocks of one shared stream makes the processes disjoint and keeps the global batch
+the same whatever the number of processes (so a pod run and a one-host run see the same data
+and, up to float rounding, the same losses). Batches run across epoch boundaries (no partial
+batch is ever produced). Because the pipeline is a pure function of the index, the iterator
+state is a small dict of integers: restoring it gives exactly the batches that would have come
+next.
 
 Evaluation (`make_eval_loader`) is one ordered pass. Every line is used once; the last batch of
 each process is filled with pad rows whose "weights" entry is 0, and every process yields the
@@ -35,6 +36,10 @@ from debertina_jax.data import format as fmt
 from debertina_jax.data.format import IncompatibleDataError, PreparedDataError
 
 _STATE_VERSION = 1
+
+
+# Length of an endless loader: far more lines than any run reads.
+_ENDLESS = 2**62
 
 
 class LoaderError(ValueError):
@@ -153,28 +158,32 @@ def make_loader(
         raise LoaderError(f"seed must be in [0, 2**32), got {seed}")
     if num_epochs is not None and num_epochs < 1:
         raise LoaderError(f"num_epochs must be >= 1 or None, got {num_epochs}")
-    lines_per_shard = info.num_lines // shard_count
-    if lines_per_shard == 0:
-        raise LoaderError(
-            f"split {split!r} of {info.data_dir} has {info.num_lines} lines, fewer than the "
-            f"{shard_count} processes reading it"
-        )
-
-    ds = grain.MapDataset.range(info.num_lines)
+    # The global stream: every epoch a new permutation of the lines (a shuffled MapDataset
+    # keeps the epoch in its index arithmetic), batches running across epoch boundaries.
+    stream = grain.MapDataset.range(info.num_lines)
     if shuffle:
-        ds = ds.shuffle(seed=seed)
-    # Slicing a shuffled MapDataset keeps the epoch in its index arithmetic, so after `repeat`
-    # epoch e of this slice reads slice positions of the epoch-e permutation.
-    ds = ds[shard_index : lines_per_shard * shard_count : shard_count]
-    ds = ds.repeat(num_epochs)
-    num_batches = None
-    if num_epochs is not None:
-        num_batches = lines_per_shard * num_epochs // batch_size
+        stream = stream.shuffle(seed=seed)
+    stream = stream.repeat(num_epochs)
+    # Process p takes rows [p*b, (p+1)*b) of every global batch of B = shard_count * b lines,
+    # so the global batch (and with it every mask and loss) is the same for any number of
+    # processes, and the processes' slices never overlap.
+    if num_epochs is None:
+        num_batches = None
+        local_length = _ENDLESS // global_batch_size * batch_size
+    else:
+        num_batches = info.num_lines * num_epochs // global_batch_size
         if num_batches == 0:
             raise LoaderError(
-                f"{num_epochs} epoch(s) of {lines_per_shard} lines per process give no full "
-                f"batch of {batch_size}: use more epochs or a smaller batch"
+                f"{num_epochs} epoch(s) of the {info.num_lines} lines of split {split!r} give no "
+                f"full batch of {global_batch_size}: use more epochs or a smaller batch"
             )
+        local_length = num_batches * batch_size
+
+    def global_line(k: int) -> int:
+        step, row = divmod(k, batch_size)
+        return stream[step * global_batch_size + shard_index * batch_size + row]
+
+    ds = grain.MapDataset.range(local_length).map(global_line)
     ds = ds.batch(batch_size, drop_remainder=True)
     ds = ds.map(functools.partial(_read_batch, source=_open(info), info=info, with_weights=False))
     identity = _identity(info, global_batch_size, shard_index, shard_count)
