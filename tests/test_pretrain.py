@@ -1,0 +1,212 @@
+"""The whole pretraining run, as users start it: run_pretrain.py in a subprocess.
+
+Covers resuming after SIGKILL (same losses as an uninterrupted run), SIGTERM (save and exit),
+1 device vs 8 devices vs 2 processes (same losses), config errors, and load_checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from debertina_jax.config import load_config
+from debertina_jax.data.workdir import ensure_data
+from debertina_jax.metrics_log import read_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny.yaml"
+
+# A smaller cousin of configs/tiny.yaml so that every run compiles and steps fast.
+FAST = [
+    "data.vocab_size=400",
+    "data.max_seq_length=64",
+    "data.eval_lines=16",
+    "train.batch_size=8",
+    "train.log_every_steps=1",
+    "train.eval_every_steps=1000",
+    "train.eval_batches=1",
+    "optimizer.warmup_steps=2",
+]
+
+
+_CACHE = Path(tempfile.mkdtemp(prefix="debertina-jax-cache-"))
+
+
+@pytest.fixture(scope="module")
+def data_overrides(tmp_path_factory) -> list[str]:
+    """Tokenizer and shards made once, shared by every run of this module."""
+    root = tmp_path_factory.mktemp("shared")
+    overrides = FAST + [f"data.tokenizer_dir={root}/tokenizer", f"data.prepared_dir={root}/data"]
+    ensure_data(load_config(TINY, overrides), root)
+    return overrides
+
+
+def _command(workdir: Path, overrides: list[str]) -> list[str]:
+    return [sys.executable, str(REPO / "run_pretrain.py"), "--config", str(TINY),
+            "--workdir", str(workdir), *overrides]  # fmt: skip
+
+
+def _env(devices: int, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    # Runs of the same program (same config and mesh) compile once.
+    env["JAX_COMPILATION_CACHE_DIR"] = str(_CACHE)
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
+    env.update(extra)
+    return env
+
+
+def _run(workdir: Path, overrides: list[str], devices: int = 8) -> subprocess.CompletedProcess:
+    done = subprocess.run(
+        _command(workdir, overrides), env=_env(devices), capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def _losses(workdir: Path) -> dict[int, float]:
+    return {row["step"]: row["loss"] for row in read_metrics(workdir, split="train")}
+
+
+def _wait_for(predicate, process: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if process.poll() is not None:
+            raise AssertionError(f"run ended early: {process.stderr.read()[-3000:]}")
+        if time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError("timed out waiting for the run")
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def reference(data_overrides, tmp_path_factory) -> dict[int, float]:
+    """The losses of an uninterrupted 40-step run on 8 devices."""
+    workdir = tmp_path_factory.mktemp("reference")
+    _run(workdir, data_overrides + ["train.steps=40", "checkpoint.every_steps=10"])
+    losses = _losses(workdir)
+    assert sorted(losses) == list(range(1, 41))
+    return losses
+
+
+def _start(workdir: Path, overrides: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        _command(workdir, overrides), env=_env(8), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def _checkpoints(workdir: Path) -> list[int]:
+    return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def test_sigterm_then_sigkill_then_resume_gives_the_same_losses(
+    reference, data_overrides, tmp_path
+):
+    overrides = data_overrides + ["train.steps=40", "checkpoint.every_steps=10"]
+
+    # SIGTERM (a TPU preemption notice): save at the next step boundary and exit cleanly.
+    process = _start(tmp_path, overrides)
+    _wait_for(lambda: (tmp_path / "metrics.jsonl").is_file() and len(_losses(tmp_path)) >= 2,
+              process)  # fmt: skip
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err[-3000:]
+    assert "stopped early" in out
+    stopped_at = _checkpoints(tmp_path)[-1]
+    assert stopped_at == max(_losses(tmp_path)) < 40
+
+    # SIGKILL (no warning at all) after the periodic checkpoint of step 20.
+    process = _start(tmp_path, overrides)  # resumes from `stopped_at`
+    _wait_for(lambda: 20 in _checkpoints(tmp_path), process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert max(_losses(tmp_path)) < 40, "the run finished before it could be killed"
+
+    _run(tmp_path, overrides)  # the same command again resumes from step 20
+    losses = _losses(tmp_path)
+    assert sorted(losses) == list(range(1, 41))  # no step logged twice or missing
+    for step in range(1, 41):
+        assert losses[step] == reference[step], f"step {step}"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_same_losses_on_1_device_on_a_2x2x2_mesh_and_on_2_processes(data_overrides, tmp_path):
+    overrides = data_overrides + ["train.steps=8", "checkpoint.every_steps=8"]
+    _run(tmp_path / "one", overrides, devices=1)
+    expected = [_losses(tmp_path / "one")[s] for s in range(1, 9)]
+
+    _run(tmp_path / "mesh", overrides + ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"])
+    got = [_losses(tmp_path / "mesh")[s] for s in range(1, 9)]
+    np.testing.assert_allclose(got, expected, rtol=2e-5, err_msg="2x2x2 mesh")
+
+    # A simulated pod: 2 processes x 4 CPU devices, gloo collectives, one shared workdir.
+    port = _free_port()
+    processes = [
+        subprocess.Popen(
+            _command(tmp_path / "pod", overrides),
+            env=_env(
+                4,
+                JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+                JAX_NUM_PROCESSES="2",
+                JAX_PROCESS_ID=str(i),
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    try:
+        outputs = [p.communicate(timeout=400) for p in processes]
+    finally:
+        for p in processes:
+            p.kill()
+    for p, (_, err) in zip(processes, outputs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    got = [_losses(tmp_path / "pod")[s] for s in range(1, 9)]
+    np.testing.assert_allclose(got, expected, rtol=2e-5, err_msg="2 processes")
+    assert 8 in _checkpoints(tmp_path / "pod")
+
+    # The checkpoint of the sharded two-process run loads on one CPU.
+    from debertina_jax.pretrained import load_checkpoint
+
+    loaded = load_checkpoint(tmp_path / "pod")
+    assert loaded.step == 8
+    ids = np.array([[1, 20, 30, 40, 2, 0]], np.int32)
+    logits = loaded.discriminator(ids, attention_mask=(ids != 0).astype(np.int32))
+    assert logits.shape == (1, 6) and np.isfinite(np.asarray(logits)).all()
+    assert loaded.generator(ids).shape == (1, 6, loaded.config.model.vocab_size)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.stepz=3", "unknown key train.stepz"),
+        ("train.batch_size=big", "train.batch_size: expected an integer"),
+        ("mesh.data", "expected section.key=value"),
+    ],
+)
+def test_bad_overrides_fail_before_anything_starts(override, message, tmp_path):
+    done = subprocess.run(
+        _command(tmp_path / "run", [override]), capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 2
+    assert message in done.stderr
+    assert not (tmp_path / "run").exists()
