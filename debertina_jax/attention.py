@@ -1,0 +1,184 @@
+"""Disentangled self-attention (DeBERTa): content->content + content->position + position->content.
+
+score(i, j) = [q_i . k_j  +  q_i . Kr[c2p(i, j)]  +  k_j . Qr[p2c(j, i)]] / sqrt(d * (1 + #terms))
+
+with c2p(i, j) = clip(rel(i, j) + k, 0, 2k - 1) and p2c(j, i) = clip(-rel(j, i) + k, 0, 2k - 1),
+rel the (bucketed) relative positions, k the span and Kr / Qr the projected relative embeddings
+[heads, 2k, d]. The relative terms need a per-(i, j) lookup into a [.., L, 2k] score table; how
+that lookup is done is pluggable (`impl`), all variants give the same numbers.
+"""
+
+from collections.abc import Callable, Sequence
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from debertina_jax.blocks import apply_dropout, dense
+from debertina_jax.model_config import DebertaV2Config
+
+# (content [B, N, L, d], pos [N, R, d], index [L, L'] into R) -> scores [B, N, L, L'] with
+# scores[b, n, i, j] = content[b, n, i] . pos[n, index[i, j]].
+RelativeScoreFn = Callable[[jax.Array, jax.Array, np.ndarray | jax.Array], jax.Array]
+
+
+def gather_relative_scores(content: jax.Array, pos: jax.Array, index) -> jax.Array:
+    """HF's formulation: all [L, R] scores with one matmul, then a gather along R."""
+    table = jnp.einsum("bnid,nrd->bnir", content, pos)
+    index = jnp.broadcast_to(jnp.asarray(index), table.shape[:2] + tuple(np.shape(index)))
+    return jnp.take_along_axis(table, index, axis=-1)
+
+
+def onehot_relative_scores(content: jax.Array, pos: jax.Array, index) -> jax.Array:
+    """The gather as a contraction with a one-hot [L, L', R] tensor (exact: one 1 per row)."""
+    table = jnp.einsum("bnid,nrd->bnir", content, pos)
+    onehot = jax.nn.one_hot(jnp.asarray(index), pos.shape[1], dtype=table.dtype)
+    return jnp.einsum("bnir,ijr->bnij", table, onehot)
+
+
+RELATIVE_SCORE_IMPLS: dict[str, RelativeScoreFn] = {
+    "gather": gather_relative_scores,
+    "onehot": onehot_relative_scores,
+}
+
+
+def relative_score_fn(impl: str) -> RelativeScoreFn:
+    try:
+        return RELATIVE_SCORE_IMPLS[impl]
+    except KeyError:
+        raise ValueError(
+            f"unknown attention impl {impl!r}; choose from {sorted(RELATIVE_SCORE_IMPLS)}"
+        ) from None
+
+
+def attention_scale(head_dim: int, pos_att_type: Sequence[str]) -> np.float32:
+    """sqrt(d * (1 + number of relative terms)), in float32 as HF computes it."""
+    return np.sqrt(np.float32(head_dim * (1 + len(pos_att_type))))
+
+
+def disentangled_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    pos_key: jax.Array | None,
+    pos_query: jax.Array | None,
+    rel_pos: np.ndarray | jax.Array | None,
+    mask: jax.Array | None,
+    *,
+    pos_att_type: Sequence[str],
+    span: int,
+    scale: float | None = None,
+    impl: str = "gather",
+    dropout_fn: Callable[[jax.Array], jax.Array] | None = None,
+) -> jax.Array:
+    """Attention context [B, N, L, d] from q, k, v [B, N, L, d].
+
+    pos_key / pos_query: projected relative embeddings [N, 2 * span, d], needed for "c2p" /
+    "p2c" in `pos_att_type`. rel_pos: [L, L] relative positions (normally the static NumPy array
+    from `build_relative_positions`). mask: bool, broadcastable to [B, N, L, L], True = attend.
+    scale: defaults to sqrt(d * (1 + len(pos_att_type))). The softmax runs in float32 whatever the
+    input dtype; `dropout_fn` is applied to the probabilities.
+    """
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"self-attention needs equal query/key lengths, got {q.shape} {k.shape}")
+    relative = relative_score_fn(impl)
+    if scale is None:
+        scale = attention_scale(q.shape[-1], pos_att_type)
+    scale = jnp.asarray(scale, dtype=q.dtype)
+    scores = jnp.einsum("bnid,bnjd->bnij", q, k / scale)
+
+    rel_scores = None
+    if pos_att_type:
+        xp = np if isinstance(rel_pos, np.ndarray) else jnp
+        if "c2p" in pos_att_type:
+            c2p_index = xp.clip(rel_pos + span, 0, 2 * span - 1)
+            rel_scores = relative(q, pos_key, c2p_index) / scale
+        if "p2c" in pos_att_type:
+            # Computed per key row j (as HF does), then transposed to [.., i, j].
+            p2c_index = xp.clip(-rel_pos + span, 0, 2 * span - 1)
+            p2c = jnp.swapaxes(relative(k, pos_query, p2c_index), -1, -2) / scale
+            rel_scores = p2c if rel_scores is None else rel_scores + p2c
+    if rel_scores is not None:
+        scores = scores + rel_scores
+
+    scores = scores.astype(jnp.float32)
+    if mask is not None:
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    if dropout_fn is not None:
+        probs = dropout_fn(probs)
+    return jnp.einsum("bnij,bnjd->bnid", probs.astype(v.dtype), v)
+
+
+class DisentangledSelfAttention(nnx.Module):
+    """Projections + `disentangled_attention`; returns the context [B, L, heads * head_dim]."""
+
+    def __init__(
+        self,
+        config: DebertaV2Config,
+        *,
+        rngs: nnx.Rngs,
+        dtype: jnp.dtype = jnp.float32,
+        impl: str = "gather",
+    ):
+        relative_score_fn(impl)  # fail at construction on a bad name
+        self.config = config
+        self.dtype = dtype
+        self.impl = impl
+        hidden, inner = config.hidden_size, config.num_attention_heads * config.head_dim
+        proj = partial(dense, hidden, inner, ("embed", "heads"), config, rngs=rngs, dtype=dtype)
+        self.query_proj = proj()
+        self.key_proj = proj()
+        self.value_proj = proj()
+        separate = config.relative_attention and not config.share_att_key
+        self.pos_key_proj = proj() if separate and "c2p" in config.pos_att_type else None
+        self.pos_query_proj = proj() if separate and "p2c" in config.pos_att_type else None
+        self.dropout = nnx.Dropout(config.attention_probs_dropout_prob)
+        self.pos_dropout = nnx.Dropout(config.hidden_dropout_prob)
+
+    def _split_heads(self, x: jax.Array) -> jax.Array:
+        """[..., L, N * d] -> [..., N, L, d]."""
+        x = x.reshape(*x.shape[:-1], self.config.num_attention_heads, self.config.head_dim)
+        return jnp.moveaxis(x, -2, -3)
+
+    def __call__(
+        self,
+        hidden: jax.Array,
+        mask: jax.Array | None,
+        rel_pos: np.ndarray | None,
+        rel_embeddings: jax.Array | None,
+        rngs: nnx.Rngs | None = None,
+    ) -> jax.Array:
+        c = self.config
+        q = self._split_heads(self.query_proj(hidden))
+        k = self._split_heads(self.key_proj(hidden))
+        v = self._split_heads(self.value_proj(hidden))
+        pos_key = pos_query = None
+        pos_att_type = c.pos_att_type if c.relative_attention else ()
+        if pos_att_type:
+            rel = apply_dropout(self.pos_dropout, rel_embeddings, rngs)
+            key_proj = self.key_proj if c.share_att_key else self.pos_key_proj
+            query_proj = self.query_proj if c.share_att_key else self.pos_query_proj
+            if "c2p" in pos_att_type:
+                pos_key = self._split_heads(key_proj(rel))
+            if "p2c" in pos_att_type:
+                pos_query = self._split_heads(query_proj(rel))
+        context = disentangled_attention(
+            q,
+            k,
+            v,
+            pos_key,
+            pos_query,
+            rel_pos,
+            mask,
+            pos_att_type=pos_att_type,
+            span=c.relative_span,
+            # HF counts pos_att_type in the scale even when relative attention is off.
+            scale=attention_scale(c.head_dim, c.pos_att_type),
+            impl=self.impl,
+            dropout_fn=None if rngs is None else partial(apply_dropout, self.dropout, rngs=rngs),
+        )
+        context = jnp.moveaxis(context, -3, -2)
+        return context.reshape(*context.shape[:-2], -1)

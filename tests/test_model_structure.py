@@ -1,0 +1,249 @@
+"""Model structure: parameter counts, logical axis names, scan/remat equivalence, dropout and the
+embedding-table overrides the pretraining code relies on."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from deberta_testing import padded_batch, perturb_nnx, run, tiny_config
+from flax import nnx
+
+from debertina_jax.convert import load_state_dict, model_to_state_dict
+from debertina_jax.model_config import DebertaV2Config
+from debertina_jax.models import (
+    DebertaV2ForMaskedLM,
+    DebertaV2Model,
+)
+
+# name: (shape, (backbone M, word embeddings M, total M)) from the DeBERTina card / REFERENCE §1.
+SIZES = {
+    "xsmall": (
+        dict(
+            num_hidden_layers=12,
+            hidden_size=384,
+            num_attention_heads=6,
+            intermediate_size=1536,
+            vocab_size=128000,
+        ),
+        (21.49, 49.15, 70.64),
+    ),
+    "base": (
+        dict(
+            num_hidden_layers=12,
+            hidden_size=768,
+            num_attention_heads=12,
+            intermediate_size=3072,
+            vocab_size=32000,
+        ),
+        (85.45, 24.58, 110.03),
+    ),
+    "base-128k": (
+        dict(
+            num_hidden_layers=12,
+            hidden_size=768,
+            num_attention_heads=12,
+            intermediate_size=3072,
+            vocab_size=128000,
+        ),
+        (85.45, 98.30, 183.75),
+    ),
+    "large": (
+        dict(
+            num_hidden_layers=24,
+            hidden_size=1024,
+            num_attention_heads=16,
+            intermediate_size=4096,
+            vocab_size=128100,
+        ),
+        (302.84, 131.17, 434.01),
+    ),
+}
+
+
+def _param_counts(config: DebertaV2Config) -> tuple[int, int]:
+    """(backbone, word embeddings) parameter counts from abstract shapes, nothing allocated."""
+    abstract = nnx.eval_shape(lambda: DebertaV2Model(config, rngs=nnx.Rngs(0)))
+    total = sum(int(np.prod(p.shape)) for _, p in nnx.to_flat_state(nnx.state(abstract, nnx.Param)))
+    words = int(np.prod(abstract.embeddings.word_embeddings.embedding.shape))
+    return total - words, words
+
+
+@pytest.mark.parametrize("name", list(SIZES))
+def test_parameter_counts_match_card_and_hf(name):
+    shape, (backbone_m, words_m, total_m) = SIZES[name]
+    config = DebertaV2Config.deberta_v3(**shape)
+    backbone, words = _param_counts(config)
+    print(
+        f"\nparams | {name} | backbone {backbone / 1e6:.2f}M + embeddings {words / 1e6:.2f}M "
+        f"= {(backbone + words) / 1e6:.2f}M"
+    )
+    assert round(backbone / 1e6, 2) == backbone_m
+    assert round(words / 1e6, 2) == words_m
+    assert round((backbone + words) / 1e6, 2) == total_m
+    with torch.device("meta"):  # HF's count, exactly, without allocating
+        hf = transformers.DebertaV2Model(transformers.DebertaV2Config.from_dict(config.to_dict()))
+    assert backbone + words == sum(p.numel() for p in hf.parameters())
+
+
+ALLOWED_AXES = {"vocab", "embed", "heads", "mlp", "relpos", "layers", None}
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_every_parameter_has_logical_axes(scan_layers):
+    config = tiny_config(
+        conv_kernel_size=3, share_att_key=False, position_biased_input=True, type_vocab_size=2
+    )
+    model = nnx.eval_shape(
+        lambda: DebertaV2ForMaskedLM(config, rngs=nnx.Rngs(0), scan_layers=scan_layers)
+    )
+    axes = {}
+    for path, param in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        names = param.get_metadata().get("out_sharding")
+        assert names is not None and len(names) == len(param.shape), path
+        assert set(names) <= ALLOWED_AXES, (path, names)
+        named = [n for n in names if n is not None]
+        assert len(named) == len(set(named)), (path, names)  # a mesh axis may appear only once
+        assert (names[0] == "layers") == ("layers" in path and scan_layers), (path, names)
+        axes[".".join(map(str, path))] = tuple(names)
+    layer = "deberta.encoder.layers." + ("" if scan_layers else "0.")
+    stack = ("layers",) if scan_layers else ()
+    assert axes["deberta.embeddings.word_embeddings.embedding"] == ("vocab", "embed")
+    assert axes["deberta.encoder.rel_embeddings"] == ("relpos", "embed")
+    assert axes[layer + "attention.query_proj.kernel"] == stack + ("embed", "heads")
+    assert axes[layer + "attention_output.kernel"] == stack + ("heads", "embed")
+    assert axes[layer + "intermediate.kernel"] == stack + ("embed", "mlp")
+    assert axes[layer + "output.kernel"] == stack + ("mlp", "embed")
+    assert axes["lm_head.bias"] == ("vocab",)
+    assert nnx.get_partition_spec(nnx.state(model))["lm_head"]["bias"].get_value() == jax.P("vocab")
+
+
+@pytest.fixture(scope="module")
+def plain_mlm():
+    """A plain (unscanned) MLM with non-trivial weights, and a padded batch."""
+    config = tiny_config()
+    model = DebertaV2ForMaskedLM(config, rngs=nnx.Rngs(0))
+    perturb_nnx(model)
+    ids, mask = padded_batch(config.vocab_size, [40, 31, 6])
+    return model, ids, mask
+
+
+def _copy(model, **kwargs):
+    """Same weights in a model built with other options (scan/remat/impl)."""
+    other = type(model)(model.config, rngs=nnx.Rngs(1), **kwargs)
+    load_state_dict(other, model_to_state_dict(model))
+    return other
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(scan_layers=True),
+        dict(scan_layers=False, remat="full"),
+        dict(attention_impl="onehot"),
+    ],
+)
+def test_variants_give_the_plain_outputs(plain_mlm, options):
+    model, ids, mask = plain_mlm
+    np.testing.assert_allclose(
+        run(_copy(model, **options), ids, mask), run(model, ids, mask), atol=2e-5
+    )
+
+
+def test_scan_with_conv_layer_matches_plain():
+    config = tiny_config(conv_kernel_size=3, conv_act="gelu")
+    model = DebertaV2Model(config, rngs=nnx.Rngs(0))
+    perturb_nnx(model)
+    ids, mask = padded_batch(config.vocab_size, [20, 9])
+    np.testing.assert_allclose(
+        run(_copy(model, scan_layers=True), ids, mask), run(model, ids, mask), atol=2e-5
+    )
+
+
+def _grads_by_hf_name(model, ids, mask):
+    grads = nnx.jit(nnx.grad(lambda m: jnp.sum(m(ids, mask) ** 2) / 1e3))(model)
+    holder = _copy(model, scan_layers=model.deberta.scan_layers)
+    nnx.update(holder, grads)
+    return model_to_state_dict(holder)
+
+
+def test_scanned_remat_gradients_match_plain(plain_mlm):
+    """Same gradients through scan + remat ("dots" policy) as through the plain layer loop."""
+    model, ids, mask = plain_mlm
+    ids, mask = jnp.asarray(ids), jnp.asarray(mask)
+    plain = _grads_by_hf_name(model, ids, mask)
+    scanned = _grads_by_hf_name(_copy(model, scan_layers=True, remat="dots"), ids, mask)
+    assert plain.keys() == scanned.keys()
+    for key in plain:
+        np.testing.assert_allclose(scanned[key], plain[key], atol=1e-5, err_msg=key)
+
+
+def test_dropout_uses_rng_streams(plain_mlm):
+    model, ids, mask = plain_mlm  # hidden and attention dropout 0.1
+    clean = model(ids, mask)
+    np.testing.assert_array_equal(model(ids, mask, rngs=nnx.Rngs(dropout=3)), clean)
+    seeded = model(ids, mask, deterministic=False, rngs=nnx.Rngs(dropout=3))
+    np.testing.assert_array_equal(
+        model(ids, mask, deterministic=False, rngs=nnx.Rngs(dropout=3)), seeded
+    )
+    assert not np.allclose(seeded, clean, atol=1e-3)
+    own = _copy(model)
+    own.deberta.rngs = nnx.Rngs(dropout=5)
+    first, second = (own(ids, mask, deterministic=False) for _ in range(2))
+    assert not np.allclose(first, second, atol=1e-3)  # the model's own stream advances
+    # The scanned model splits the same key the same way per layer.
+    scanned = _copy(model, scan_layers=True)
+    np.testing.assert_allclose(
+        scanned(ids, mask, deterministic=False, rngs=nnx.Rngs(dropout=3)), seeded, atol=2e-5
+    )
+    no_stream = DebertaV2ForMaskedLM(model.config, rngs=nnx.Rngs(params=0))
+    with pytest.raises(ValueError, match="dropout"):
+        no_stream(ids, mask, deterministic=False)
+
+
+def test_embedding_overrides_and_head_on_gathered_positions(plain_mlm):
+    model, ids, mask = plain_mlm
+    table = model.deberta.embeddings.word_embeddings.embedding[...]
+    logits = model(ids, mask)
+    np.testing.assert_array_equal(model(ids, mask, word_embeddings=table), logits)
+
+    # GDES: E_G (frozen) + E_delta replaces the table in the embeddings *and* the tied MLM head.
+    delta = 0.1 * jax.random.normal(jax.random.key(0), table.shape)
+    swapped = _copy(model)
+    swapped.deberta.embeddings.word_embeddings.embedding[...] = table + delta
+    np.testing.assert_allclose(
+        model(ids, mask, word_embeddings=jax.lax.stop_gradient(table) + delta),
+        swapped(ids, mask),
+        atol=1e-6,
+    )
+
+    # The trainer projects only the gathered masked positions [B, P, H].
+    hidden = model.deberta(ids, mask)
+    positions = jnp.array([[1, 5], [2, 3], [0, 4]])
+    gathered = jnp.take_along_axis(hidden, positions[..., None], axis=1)
+    np.testing.assert_allclose(
+        model.lm_head(gathered, table),
+        jnp.take_along_axis(logits, positions[..., None], axis=1),
+        atol=1e-5,
+    )
+
+
+def test_position_embedding_override():
+    config = tiny_config(position_biased_input=True)
+    model = DebertaV2Model(config, rngs=nnx.Rngs(0))
+    ids, mask = padded_batch(config.vocab_size, [10, 4])
+    own = model.embeddings.position_embeddings.embedding[...]
+    np.testing.assert_array_equal(model(ids, mask, position_embeddings=own), model(ids, mask))
+    assert not np.allclose(model(ids, mask, position_embeddings=own * 2), model(ids, mask))
+    too_long = np.zeros((1, config.max_position_embeddings + 1), np.int64)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        model(too_long)
+
+
+def test_bad_model_options_are_rejected():
+    config = tiny_config()
+    with pytest.raises(ValueError, match="remat"):
+        DebertaV2Model(config, rngs=nnx.Rngs(0), remat="some")
+    with pytest.raises(ValueError, match="attention impl"):
+        DebertaV2Model(config, rngs=nnx.Rngs(0), attention_impl="fast")
