@@ -27,6 +27,7 @@ from debertina_jax import losses
 from debertina_jax.attention import resolve_attention_impl
 from debertina_jax.config import Config
 from debertina_jax.electra import ElectraPair
+from debertina_jax.hf_init import init_state_from_hf
 from debertina_jax.masking import default_max_predictions, gather_positions, mask_tokens
 from debertina_jax.model_config import ConfigError
 from debertina_jax.optimizer import current_learning_rate, make_optimizer
@@ -101,9 +102,12 @@ def abstract_train_state(
 def create_train_state(
     config: Config, mesh: Mesh, rng_seed: int
 ) -> tuple[nnx.GraphDef, TrainState]:
-    """Initialises the pair and the optimizer directly into their shardings on `mesh`."""
+    """Initialises the pair and the optimizer directly into their shardings on `mesh`, then
+    loads config.init's Hugging Face weights, if any (hf_init.py)."""
     graphdef, abstract, init = abstract_train_state(config, mesh, rng_seed)
     state = jax.jit(init, out_shardings=shardings_of(abstract))()
+    if config.init.discriminator_from_hf or config.init.generator_from_hf:
+        state = init_state_from_hf(config, graphdef, state)
     return graphdef, state
 
 

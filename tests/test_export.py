@@ -1,0 +1,495 @@
+"""convert_to_pt.py / debertina_jax.export: a tiny sharded pretraining run -> HF directories,
+verified; the EMD generator; bad input; and the way back (debertina_jax.hf_init).
+
+One tiny run (8 simulated devices, mesh data 2 x fsdp 2 x tensor 2) is trained once per session
+(`tiny_run`) and converted once by the CLI in a one-device subprocess (`tiny_export`);
+test_finetune_hf.py uses them too. Other states are built eagerly (`_fresh_state`): jitting the
+initialisation costs a compilation per call.
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from debertina_jax import export as export_lib
+from debertina_jax.checkpointing import (
+    Checkpointer,
+    CheckpointNotFoundError,
+    CheckpointRestoreError,
+    restore_checkpoint,
+)
+from debertina_jax.config import Config, load_config
+from debertina_jax.convert import from_hf, model_to_state_dict, read_hf_weights
+from debertina_jax.export import (
+    ExportError,
+    Float16OverflowError,
+    OutputPathError,
+    VerificationError,
+    export,
+)
+from debertina_jax.hf_init import EMD_POSITIONS_KEY, HFInitError, init_state_from_hf
+from debertina_jax.sharding import make_mesh
+from debertina_jax.train_step import (
+    abstract_train_state,
+    create_train_state,
+    merge_pair,
+    shardings_of,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny.yaml"
+RUN_OVERRIDES = [
+    "model.num_hidden_layers=2",
+    "generator.num_hidden_layers=1",
+    "data.vocab_size=400",
+    "data.max_seq_length=64",
+    "data.eval_lines=16",
+    "data.prepare_workers=1",
+    "train.batch_size=8",
+    "train.steps=20",
+    "train.log_every_steps=5",
+    "train.eval_every_steps=20",
+    "train.eval_batches=1",
+    "optimizer.warmup_steps=2",
+    "checkpoint.every_steps=10",
+    "mesh.data=2",
+    "mesh.fsdp=2",
+    "mesh.tensor=2",
+]
+WORD = "deberta.embeddings.word_embeddings.weight"
+
+_SHARED: dict[str, Path] = {}
+_SHARED_ROOT = Path(tempfile.mkdtemp(prefix="debertina-export-tests-"))
+atexit.register(shutil.rmtree, _SHARED_ROOT, ignore_errors=True)
+
+
+def tiny_run() -> Path:
+    """The workdir of a 20-step tiny run on 8 devices (checkpoints at steps 10 and 20)."""
+    if "run" not in _SHARED:
+        from debertina_jax.trainer import pretrain
+
+        workdir = _SHARED_ROOT / "run"
+        pretrain(load_config(TINY, RUN_OVERRIDES), workdir)
+        _SHARED["run"] = workdir
+    return _SHARED["run"]
+
+
+def _convert_in_subprocess() -> tuple[Path, subprocess.CompletedProcess]:
+    """`python convert_to_pt.py` with the defaults, on a machine with one CPU device."""
+    if "cli" not in _SHARED:
+        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+        env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+        out = _SHARED_ROOT / "export"
+        command = [sys.executable, str(REPO / "convert_to_pt.py"), "--workdir", str(tiny_run()),
+                   "--output", str(out)]  # fmt: skip
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+        _SHARED["cli"] = (out, done)
+    return _SHARED["cli"]
+
+
+def tiny_export() -> Path:
+    """OUT of the float32 export of `tiny_run`, both models, verified."""
+    out, done = _convert_in_subprocess()
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    return out
+
+
+def _fresh_state(config: Config, seed: int = 0) -> tuple[nnx.GraphDef, dict]:
+    """What create_train_state makes (sharded on the config's mesh), initialised eagerly."""
+    graphdef, abstract, init = abstract_train_state(config, make_mesh(config.mesh), seed)
+    return graphdef, jax.device_put(init(), shardings_of(abstract))
+
+
+def _run_config(**overrides) -> Config:
+    """The tiny run's config with some sections replaced (e.g. init=InitConfig(...))."""
+    config = load_config(TINY, RUN_OVERRIDES)
+    return dataclasses.replace(config, **overrides)
+
+
+def _cli(*args: str) -> int:
+    """Runs convert_to_pt.main in this process (fast: JAX and torch are already loaded)."""
+    spec = importlib.util.spec_from_file_location("convert_to_pt", REPO / "convert_to_pt.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(list(args))
+
+
+def _leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
+
+
+# ---- the main path -------------------------------------------------------------------------------
+def test_cli_converts_a_sharded_run_on_one_cpu_device():
+    out, done = _convert_in_subprocess()
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    # The defaults: the latest step, both models, float32, verified.
+    assert "wrote discriminator of step 20" in done.stdout
+    assert "wrote generator of step 20" in done.stdout
+    checks = [line for line in done.stdout.splitlines() if "max abs diff" in line]
+    assert len(checks) == 10 and all(line.endswith("ok") for line in checks), done.stdout
+    for which in ("discriminator", "generator"):
+        files = sorted(p.name for p in (out / which).iterdir())
+        assert files == sorted(
+            ["README.md", "config.json", "model.safetensors", "special_tokens_map.json",
+             "spm.model", "tokenizer.json", "tokenizer_config.json"]
+        )  # fmt: skip
+    assert _leftovers(out.parent) == []
+
+
+def test_discriminator_directory(tmp_path):
+    out = tiny_export() / "discriminator"
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "deberta-v2"
+    assert config["architectures"] == ["DebertaV2Model"]
+    tensors = read_hf_weights(out)
+    assert all(k.startswith(("deberta.", "mask_predictions.")) for k in tensors)
+    assert {k for k in tensors if k.startswith("mask_predictions.")} == {
+        f"mask_predictions.{m}.{p}"
+        for m in ("LayerNorm", "dense", "classifier")
+        for p in ("weight", "bias")
+    }
+    # GDES merged: the table is E_G + E_delta of the checkpoint, not E_delta.
+    params = restore_checkpoint(tiny_run()).state["params"]
+
+    def table(model: str) -> np.ndarray:
+        embeddings = params[model]["deberta"]["embeddings"]
+        return np.asarray(embeddings["word_embeddings"]["embedding"]["value"])
+
+    np.testing.assert_array_equal(tensors[WORD], table("generator") + table("discriminator"))
+    assert np.abs(table("discriminator")).max() > 0  # E_delta did train
+
+    # Our reader gets the RTD head back.
+    rtd = model_to_state_dict(from_hf(out, "DebertaV2ForReplacedTokenDetection"))
+    assert sorted(rtd) == sorted(tensors)
+    for key in rtd:
+        np.testing.assert_array_equal(rtd[key], tensors[key])
+
+
+def test_model_card_says_what_was_trained():
+    card = (tiny_export() / "discriminator" / "README.md").read_text()
+    rows = [json.loads(line) for line in (tiny_run() / "metrics.jsonl").open()]
+    last_eval = [r for r in rows if r["split"] == "eval"][-1]
+    assert "- steps: 20 (batch 8 x 64 tokens)" in card
+    assert f"- tokens seen: {20 * 8 * 64:,}" in card
+    assert f"rtd_accuracy: {last_eval['rtd_accuracy']:.4g}" in card
+    assert "2 layers x 64 hidden" in card and "AutoModelForSequenceClassification" in card
+    tensors = read_hf_weights(tiny_export() / "discriminator")
+    embeddings = tensors[WORD].size
+    backbone = sum(v.size for k, v in tensors.items() if k.startswith("deberta.")) - embeddings
+    assert f"backbone {backbone:,} + embeddings {embeddings:,} = {backbone + embeddings:,}" in card
+    generator_card = (tiny_export() / "generator" / "README.md").read_text()
+    assert "fill-mask" in generator_card and "enhanced mask decoder" not in generator_card
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_exports_verify(dtype, tmp_path):
+    result = export(tiny_run(), tmp_path / "out", dtype=dtype, models=("generator",))
+    assert result.checks and all(c.passed for c in result.checks)
+    rounding = [c for c in result.checks if c.against.startswith("JAX on the checkpoint")]
+    assert all(0 < c.max_abs_diff <= c.tolerance for c in rounding)
+    assert all(c.tolerance >= export_lib.TOLERANCES[dtype] for c in rounding)
+    path = tmp_path / "out" / "generator" / "model.safetensors"
+    with safe_open(str(path), "np") as f:
+        names = list(f.keys())
+    with safe_open(str(path), "pt") as f:
+        assert {str(f.get_tensor(k).dtype) for k in names} == {f"torch.{dtype}"}
+    assert json.loads((path.parent / "config.json").read_text())["dtype"] == dtype
+    assert not (tmp_path / "out" / "discriminator").exists()
+
+
+def test_older_step_and_generator_only(tmp_path):
+    result = export(
+        tiny_run(), tmp_path / "out", step=10, models=("generator",), verify_outputs=False
+    )
+    assert result.step == 10 and result.checks == []
+    assert "- steps: 10 " in (tmp_path / "out" / "generator" / "README.md").read_text()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["generator"]
+
+
+# ---- the enhanced mask decoder -------------------------------------------------------------------
+def _save_run(workdir: Path, config: Config, state: dict, step: int = 1) -> Path:
+    """A run directory holding one checkpoint of `state`, using the tiny run's tokenizer."""
+    tokenizer = tiny_run() / "tokenizer"
+    config = dataclasses.replace(
+        config, data=dataclasses.replace(config.data, tokenizer_dir=str(tokenizer))
+    )
+    with Checkpointer(workdir, every_steps=1, keep=1, async_save=False) as checkpointer:
+        meta = {"config": config.to_dict(), "tokens_seen": 123}
+        checkpointer.save(step, state, {"json": None}, meta, force=True)
+    return workdir
+
+
+def test_emd_generator_is_exported_with_a_warning_and_reimported_losslessly(tmp_path):
+    config = _run_config()
+    generator = dataclasses.replace(
+        config.generator, enhanced_mask_decoder=True, num_hidden_layers=2
+    )
+    config = dataclasses.replace(config, generator=generator)
+    graphdef, state = _fresh_state(config, 3)
+    run = _save_run(tmp_path / "run", config, state)
+    result = export(run, tmp_path / "out", models=("generator",))
+    assert any("enhanced mask decoder" in w for w in result.warnings)
+    assert all(c.passed for c in result.checks)  # HF runs our export_generator() model exactly
+    out = tmp_path / "out" / "generator"
+    assert (
+        "Warning: this generator was trained with the enhanced mask decoder"
+        in (out / "README.md").read_text()
+    )
+    pair = merge_pair(graphdef, state)
+    table = np.asarray(pair.enhanced_mask_decoder.position_embeddings.embedding[...])
+    np.testing.assert_array_equal(read_hf_weights(out)[EMD_POSITIONS_KEY], table)
+
+    # Back into a fresh EMD run: generator body, EMD layer and table all come back.
+    init = dataclasses.replace(config.init, generator_from_hf=str(out))
+    config2 = dataclasses.replace(config, init=init)
+    graphdef2, state2 = _fresh_state(config2, 4)
+    state2 = init_state_from_hf(config2, graphdef2, state2)
+    for name in ("generator", "enhanced_mask_decoder"):
+        a = jax.tree.leaves(state["params"][name])
+        b = jax.tree.leaves(state2["params"][name])
+        assert len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+# ---- bad input -----------------------------------------------------------------------------------
+def test_no_checkpoint(tmp_path):
+    with pytest.raises(CheckpointNotFoundError, match="no checkpoints in"):
+        export(tmp_path, tmp_path / "out")
+    (tmp_path / "checkpoints").mkdir()
+    with pytest.raises(CheckpointNotFoundError, match="no checkpoint in"):
+        export(tmp_path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_step_that_does_not_exist(tmp_path, capsys):
+    with pytest.raises(CheckpointNotFoundError, match=r"step 7 .*available steps: \[10, 20\]"):
+        export(tiny_run(), tmp_path / "out", step=7)
+    assert _cli("--workdir", str(tiny_run()), "--output", str(tmp_path / "o"), "--step", "7") == 1
+    assert "error: no checkpoint for step 7" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_truncated_checkpoint(tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run() / "checkpoints", run / "checkpoints")
+    shutil.copytree(tiny_run() / "tokenizer", run / "tokenizer")
+    data_files = [p for p in (run / "checkpoints" / "20" / "state").rglob("*") if p.is_file()]
+    for path in data_files:
+        if path.stat().st_size > 1000:
+            path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CheckpointRestoreError, match=r"cannot restore checkpoint .*20"):
+        export(run, tmp_path / "out")
+    assert _cli("--workdir", str(run), "--output", str(tmp_path / "out")) == 1
+    assert "corrupted or incomplete" in capsys.readouterr().err
+    # The older checkpoint is intact and still converts.
+    export(run, tmp_path / "out", step=10, verify_outputs=False)
+
+
+def test_corrupted_checkpoint_metadata(tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run() / "checkpoints", run / "checkpoints")
+    (run / "checkpoints" / "20" / "meta" / "metadata").write_text("{not json")
+    with pytest.raises(CheckpointRestoreError, match="cannot read .*20.*meta"):
+        export(run, tmp_path / "out")
+
+
+def test_output_path_is_a_file(tmp_path, capsys):
+    target = tmp_path / "model.bin"
+    target.write_text("keep me")
+    with pytest.raises(OutputPathError, match="is a file"):
+        export(tiny_run(), target)
+    assert _cli("--workdir", str(tiny_run()), "--output", str(target)) == 1
+    assert "is a file" in capsys.readouterr().err
+    assert target.read_text() == "keep me"
+
+
+def test_non_empty_output_needs_overwrite_and_is_replaced_whole(tmp_path):
+    out = tmp_path / "out"
+    (out / "old").mkdir(parents=True)
+    with pytest.raises(OutputPathError, match="not empty.*--overwrite"):
+        export(tiny_run(), out, verify_outputs=False)
+    assert (out / "old").is_dir()
+    export(tiny_run(), out, models=("generator",), verify_outputs=False, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["generator"]
+    assert _leftovers(tmp_path) == []
+    # Never the run itself, or a directory above it.
+    for target in (tmp_path / "run", tmp_path):
+        with pytest.raises(OutputPathError, match="holds the run"):
+            export(tmp_path / "run", target, overwrite=True)
+    # An empty directory is fine without --overwrite.
+    (tmp_path / "empty").mkdir()
+    export(tiny_run(), tmp_path / "empty", models=("generator",), verify_outputs=False)
+
+
+def test_unsupported_dtype(tmp_path, capsys):
+    with pytest.raises(ExportError, match="unsupported dtype 'int8'.*float32, float16, bfloat16"):
+        export(tiny_run(), tmp_path / "out", dtype="int8")
+    assert (
+        _cli("--workdir", str(tiny_run()), "--output", str(tmp_path / "o"), "--dtype", "fp8") == 1
+    )
+    assert "unsupported dtype 'fp8'" in capsys.readouterr().err
+
+
+def test_float16_overflow_names_the_tensor(tmp_path):
+    config = _run_config()
+    graphdef, state = _fresh_state(config)
+    pair = merge_pair(graphdef, state)
+    kernel = pair.discriminator.deberta.encoder.layers[1].intermediate.kernel
+    kernel[...] = kernel[...].at[3, 5].set(1e6)
+    state = {**state, "params": nnx.state(pair, nnx.Param)}
+    run = _save_run(tmp_path / "run", config, state)
+    with pytest.raises(
+        Float16OverflowError,
+        match=r"discriminator tensor deberta\.encoder\.layer\.1\.intermediate\.dense\.weight "
+        r"does not fit float16: its largest magnitude is 1e\+06",
+    ):
+        export(run, tmp_path / "out", dtype="float16")
+    assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
+    export(run, tmp_path / "out", dtype="bfloat16", verify_outputs=False)  # bfloat16 holds it
+
+
+def test_failed_verification_or_crash_writes_nothing(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    (out / "previous").mkdir(parents=True)
+    monkeypatch.setitem(export_lib.TOLERANCES, "bfloat16", 0.0)
+    with pytest.raises(VerificationError, match="hidden states"):
+        export(tiny_run(), out, dtype="bfloat16", models=("generator",), overwrite=True)
+    args = ["--workdir", str(tiny_run()), "--output", str(out), "--dtype", "bfloat16"]
+    assert _cli(*args, "--model", "generator", "--overwrite") == 3
+    assert "FAILED" in capsys.readouterr().out
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export_lib, "verify", crash)
+    with pytest.raises(KeyboardInterrupt):
+        export(tiny_run(), out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["previous"]
+    assert _leftovers(tmp_path) == []
+
+
+# ---- back from HF: init.discriminator_from_hf / init.generator_from_hf ---------------------------
+def _init_config(**init) -> Config:
+    config = _run_config()
+    return dataclasses.replace(config, init=dataclasses.replace(config.init, **init))
+
+
+def _start(config: Config, seed: int = 7):
+    graphdef, state = _fresh_state(config, seed)
+    return merge_pair(graphdef, init_state_from_hf(config, graphdef, state))
+
+
+def _assert_same(model, directory: Path) -> None:
+    ours, theirs = model_to_state_dict(model), read_hf_weights(directory)
+    theirs.pop(EMD_POSITIONS_KEY, None)
+    assert sorted(ours) == sorted(theirs)
+    for key in ours:
+        np.testing.assert_array_equal(ours[key], theirs[key], err_msg=key)
+
+
+def test_init_from_export_reproduces_it_exactly_under_gdes():
+    out = tiny_export()
+    pair = _start(
+        _init_config(
+            discriminator_from_hf=str(out / "discriminator"),
+            generator_from_hf=str(out / "generator"),
+        )
+    )
+    _assert_same(pair.export_discriminator(), out / "discriminator")  # E_G + E_delta == E_D
+    _assert_same(pair.generator, out / "generator")
+    e_g = np.asarray(pair.generator.deberta.embeddings.word_embeddings.embedding[...])
+    e_delta = np.asarray(pair.discriminator.deberta.embeddings.word_embeddings.embedding[...])
+    np.testing.assert_array_equal(e_g, read_hf_weights(out / "generator")[WORD])
+    assert np.abs(e_delta).max() > 0
+
+
+def test_init_discriminator_only_gives_the_generator_its_table():
+    out = tiny_export() / "discriminator"
+    pair = _start(_init_config(discriminator_from_hf=str(out)))
+    _assert_same(pair.export_discriminator(), out)
+    e_g = np.asarray(pair.generator.deberta.embeddings.word_embeddings.embedding[...])
+    np.testing.assert_array_equal(e_g, read_hf_weights(out)[WORD])
+    assert not np.asarray(pair.discriminator.deberta.embeddings.word_embeddings.embedding).any()
+
+
+@pytest.mark.parametrize("sharing", ["es", "nes"])
+def test_init_under_es_and_nes(sharing):
+    out = tiny_export()
+    config = _init_config(
+        discriminator_from_hf=str(out / "discriminator"), generator_from_hf=str(out / "generator")
+    )
+    generator = dataclasses.replace(config.generator, embedding_sharing=sharing)
+    pair = _start(dataclasses.replace(config, generator=generator))
+    _assert_same(pair.export_discriminator(), out / "discriminator")
+    e_g = np.asarray(pair.generator.deberta.embeddings.word_embeddings.embedding[...])
+    # es: one table, the discriminator's; nes: each model its own.
+    source = out / ("discriminator" if sharing == "es" else "generator")
+    np.testing.assert_array_equal(e_g, read_hf_weights(source)[WORD])
+
+
+def test_init_from_a_plain_encoder_keeps_a_fresh_rtd_head(tmp_path, caplog):
+    plain = tmp_path / "plain"
+    shutil.copytree(tiny_export() / "discriminator", plain)
+    tensors = {k.removeprefix("deberta."): v for k, v in read_hf_weights(plain).items()
+               if not k.startswith("mask_predictions.")}  # fmt: skip
+    save_file(tensors, str(plain / "model.safetensors"), metadata={"format": "pt"})
+    pair = _start(_init_config(discriminator_from_hf=str(plain)))
+    assert "no RTD head" in caplog.text
+    ours = model_to_state_dict(pair.export_discriminator())
+    for key, value in tensors.items():
+        np.testing.assert_array_equal(ours["deberta." + key], value)
+
+
+def test_init_refuses_a_different_shape_or_vocabulary(tmp_path):
+    out = tiny_export() / "discriminator"
+    config = _init_config(discriminator_from_hf=str(out))
+    wider = dataclasses.replace(config, model=config.model.replace(vocab_size=2100))
+    with pytest.raises(HFInitError) as info:
+        _start(wider)
+    message = str(info.value)
+    assert f"init.discriminator_from_hf={out} does not fit" in message
+    assert f"tensor {WORD}: HF (2001, 64), this run (2100, 64)" in message
+    assert "vocabulary: the HF model has 2001 rows, this run 2100" in message
+    assert "mask_predictions" not in message  # only what differs
+
+    shallower = dataclasses.replace(config, model=config.model.replace(num_hidden_layers=1))
+    with pytest.raises(HFInitError, match=r"tensor deberta\.encoder\.layer\.1\..* is not in this"):
+        _start(shallower)
+
+    other = dataclasses.replace(config, model=config.model.replace(hidden_act="relu"))
+    with pytest.raises(HFInitError, match="setting hidden_act: HF 'gelu', this run 'relu'"):
+        _start(other)
+    with pytest.raises(FileNotFoundError, match="init.generator_from_hf=.*not a directory"):
+        _start(_init_config(generator_from_hf=str(tmp_path / "missing")))
+
+
+def test_a_new_run_starts_from_the_export():
+    """create_train_state, as pretrain() calls it, with init.* set: the first step's weights
+    are the exported ones, sharded over the run's mesh."""
+    out = tiny_export()
+    config = _init_config(
+        discriminator_from_hf=str(out / "discriminator"), generator_from_hf=str(out / "generator")
+    )
+    graphdef, state = create_train_state(config, make_mesh(config.mesh), 11)
+    pair = merge_pair(graphdef, state)
+    _assert_same(pair.export_discriminator(), out / "discriminator")
+    _assert_same(pair.generator, out / "generator")
+    shardings = {leaf.sharding.spec for leaf in jax.tree.leaves(state["params"])}
+    assert any("fsdp" in spec for spec in shardings) and any("tensor" in spec for spec in shardings)
