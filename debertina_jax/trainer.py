@@ -21,7 +21,7 @@ import yaml
 
 from debertina_jax import distributed
 from debertina_jax.checkpointing import Checkpointer
-from debertina_jax.config import Config
+from debertina_jax.config import Config, InitConfig
 from debertina_jax.data.loader import make_eval_loader, make_loader
 from debertina_jax.data.workdir import PreparedData, ensure_data
 from debertina_jax.metrics_log import MetricsLogger
@@ -130,9 +130,13 @@ def pretrain(config: Config, workdir: str | Path, *, stage: str = "all") -> RunR
 
     train = config.train
     mesh = make_mesh(config.mesh)
-    graphdef, state = create_train_state(config, mesh, train.seed)
-    state_shardings = shardings_of(state)
     checkpointer = Checkpointer(workdir, **dataclasses.asdict(config.checkpoint))
+    start = checkpointer.latest_step() or 0
+    # A resumed run takes its weights from the checkpoint: the HF directories of `init` are
+    # only read for a fresh start (and may be gone by now).
+    init_config = dataclasses.replace(config, init=InitConfig()) if start else config
+    graphdef, state = create_train_state(init_config, mesh, train.seed)
+    state_shardings = shardings_of(state)
     loader = make_loader(
         prepared.data_dir,
         "train",
@@ -140,7 +144,6 @@ def pretrain(config: Config, workdir: str | Path, *, stage: str = "all") -> RunR
         seed=train.seed,
         max_seq_length=config.data.max_seq_length,
     )
-    start = checkpointer.latest_step() or 0
     if start:
         abstract = jax.tree.map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_shardings

