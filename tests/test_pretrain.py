@@ -1,7 +1,7 @@
 """The whole pretraining run, as users start it: run_pretrain.py in a subprocess.
 
-Covers resuming after SIGKILL (same losses as an uninterrupted run), SIGTERM (save and exit),
-1 device vs 8 devices vs 2 processes (same losses), config errors, and load_checkpoint.
+Covers resuming after SIGTERM and SIGKILL (same losses as an uninterrupted run),
+1 device vs 2 processes (same losses), learning, config errors, and load_checkpoint.
 """
 
 from __future__ import annotations
@@ -147,15 +147,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_same_losses_on_1_device_on_a_2x2x2_mesh_and_on_2_processes(data_overrides, tmp_path):
+def test_same_losses_on_1_device_and_on_2_processes(data_overrides, tmp_path):
     overrides = data_overrides + ["train.steps=8", "checkpoint.every_steps=8"]
     _run(tmp_path / "one", overrides, devices=1)
     expected = [_losses(tmp_path / "one")[s] for s in range(1, 9)]
 
-    _run(tmp_path / "mesh", overrides + ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"])
-    got = [_losses(tmp_path / "mesh")[s] for s in range(1, 9)]
-    np.testing.assert_allclose(got, expected, rtol=2e-5, err_msg="2x2x2 mesh")
-
+    # (Meshes of 8 devices in one process, data=8, fsdp=8 and 2x2x2, are compared with one
+    # device in tests/test_train_step.py.)
     # A simulated pod: 2 processes x 4 CPU devices, gloo collectives, one shared workdir.
     port = _free_port()
     processes = [
@@ -210,3 +208,30 @@ def test_bad_overrides_fail_before_anything_starts(override, message, tmp_path):
     assert done.returncode == 2
     assert message in done.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_learning_on_the_sample_corpus(data_overrides, tmp_path):
+    """A few hundred steps of the tiny config on held-out text: the generator learns well past
+    log(vocab), and the discriminator reaches the "everything is original" baseline.
+
+    Beating that baseline needs the models to use context, which a model this small learns only
+    after a plateau of several hundred steps (HF PyTorch's DebertaV2 shows the same plateau on
+    this corpus); see the closing note of the pretraining issue for the measured curves.
+    """
+    steps = 250
+    _run(tmp_path, data_overrides + [f"train.steps={steps}", "train.batch_size=16",
+                                     "train.log_every_steps=50", "train.eval_every_steps=125",
+                                     "train.eval_batches=2", "checkpoint.every_steps=1000",
+                                     "optimizer.learning_rate=2e-3", "optimizer.warmup_steps=25"],
+         devices=1)  # fmt: skip
+    evals = read_metrics(tmp_path, split="eval")
+    assert [row["step"] for row in evals] == [125, 250]
+    last = evals[-1]
+    vocab = load_config(TINY, data_overrides).data.vocab_size + 1
+    assert last["mlm_loss"] < np.log(vocab) - 0.5, last
+    assert last["mlm_accuracy"] > 0.03, last
+    baseline = 1.0 - last["replaced_fraction"]
+    assert last["rtd_accuracy"] >= baseline - 0.005, last
+    # The RTD loss has at least reached the entropy of the replaced fraction (the prior).
+    p = last["replaced_fraction"]
+    assert last["rtd_loss"] <= -(p * np.log(p) + (1 - p) * np.log(1 - p)) + 0.02, last
