@@ -5,7 +5,19 @@ score(i, j) = [q_i . k_j  +  q_i . Kr[c2p(i, j)]  +  k_j . Qr[p2c(j, i)]] / sqrt
 with c2p(i, j) = clip(rel(i, j) + k, 0, 2k - 1) and p2c(j, i) = clip(-rel(j, i) + k, 0, 2k - 1),
 rel the (bucketed) relative positions, k the span and Kr / Qr the projected relative embeddings
 [heads, 2k, d]. The relative terms need a per-(i, j) lookup into a [.., L, 2k] score table; how
-that lookup is done is pluggable (`impl`), all variants give the same numbers.
+that lookup is done is pluggable (`impl`), all variants give the same numbers:
+
+- "gather": HF's formulation, the [L, 2k] table then take_along_axis. Its backward is a
+  scatter-add over [B, N, L, L], slow on CPU and notoriously slow on TPU.
+- "onehot": the gather as a contraction with a one-hot [L, L, 2k] tensor (HF's TPU path): no
+  gather, but 2k / d times the FLOPs of the c2c term.
+- "shift": uses that the index depends only on i - j. The 2L - 1 relative rows a sequence can
+  reach are laid out by distance, q @ rows^T gives every (i, distance) score with one matmul, and
+  a reshape "skew" (Transformer-XL's relative shift) moves distance i - j under column j. Only a
+  small [2L - 1, d] row gather on the parameter side remains. Query rows run in blocks so the
+  matmul covers L * (L + block - 1) scores instead of L * (2L - 1). See docs/performance.md.
+
+`auto` picks per backend from measurements (`default_attention_impl`).
 """
 
 from collections.abc import Callable, Sequence
@@ -38,18 +50,96 @@ def onehot_relative_scores(content: jax.Array, pos: jax.Array, index) -> jax.Arr
     return jnp.einsum("bnir,ijr->bnij", table, onehot)
 
 
+def relative_by_distance(index) -> np.ndarray | None:
+    """For a static [Lq, Lk] index that depends only on j - i: the vector e of length
+    Lq + Lk - 1 with index[i, j] = e[j - i + Lq - 1]. None for anything else (a traced index,
+    or e.g. the enhanced mask decoder's tiled positions)."""
+    if not isinstance(index, np.ndarray) or index.ndim != 2:
+        return None
+    query_len, key_len = index.shape
+    by_distance = np.concatenate([index[::-1, 0], index[0, 1:]])
+    offsets = np.arange(key_len)[None, :] - np.arange(query_len)[:, None] + query_len - 1
+    return by_distance if np.array_equal(by_distance[offsets], index) else None
+
+
+def shift_block_rows(query_len: int, key_len: int) -> int:
+    """Query rows per block of the "shift" formulation.
+
+    A block of b rows needs the scores of Lk + b - 1 distances, so blocks of Lk / 4 rows compute
+    1.25x the [L, L] scores (L x (2L - 1) for one block) while keeping the matmuls large: 32 rows
+    at L = 128 (fastest of 1 / 2 / 4 / 8 blocks on a 2-core CPU), 128 rows (one MXU tile) at 512.
+    """
+    return max(1, min(query_len, -(-key_len // 4)))
+
+
+def shift_relative_scores(content: jax.Array, pos: jax.Array, index) -> jax.Array:
+    """Gather-free: per block of query rows, one matmul against the relative rows of the
+    distances the block can see, then a reshape skew puts distance i - j under column j.
+
+    Falls back to `gather_relative_scores` when `index` is not a static function of j - i.
+    """
+    by_distance = relative_by_distance(index)
+    if by_distance is None:
+        return gather_relative_scores(content, pos, index)
+    query_len, key_len = index.shape
+    rows = shift_block_rows(query_len, key_len)
+    blocks = -(-query_len // rows)
+    width = key_len + rows - 1  # distances one block of rows can see
+    # Block k (query rows k*rows ...) sees distance columns starts[k] ... starts[k] + width - 1 of
+    # `by_distance`. One spare column makes the row stride width + 1, which the skew needs; it
+    # and the columns of padding rows (clipped) are never read.
+    starts = query_len - rows - rows * np.arange(blocks)
+    columns = np.clip(starts[:, None] + np.arange(width + 1), 0, by_distance.size - 1)
+    heads, _, dim = pos.shape
+    windows = jnp.take(pos, by_distance[columns].reshape(-1), axis=1)
+    windows = windows.reshape(heads, blocks, width + 1, dim)
+
+    lead = content.shape[:-2]
+    content = jnp.pad(content, [(0, 0)] * len(lead) + [(0, blocks * rows - query_len), (0, 0)])
+    content = content.reshape(*lead, blocks, rows, dim)
+    table = jnp.einsum("...nkid,nkmd->...nkim", content, windows)  # [.., blocks, rows, width+1]
+    # Skew: in the flattened block, row r's column j - r + rows - 1 sits at (rows - 1) + r * width
+    # + j, so dropping rows - 1 leading entries and re-reading rows of `width` aligns column j.
+    flat = table.reshape(*lead, blocks, rows * (width + 1))
+    flat = flat[..., rows - 1 : rows - 1 + rows * width]
+    scores = flat.reshape(*lead, blocks, rows, width)[..., :key_len]
+    return scores.reshape(*lead, blocks * rows, key_len)[..., :query_len, :]
+
+
 RELATIVE_SCORE_IMPLS: dict[str, RelativeScoreFn] = {
     "gather": gather_relative_scores,
     "onehot": onehot_relative_scores,
+    "shift": shift_relative_scores,
 }
+
+# Measured (docs/performance.md): "shift" is the fastest on CPU. TPU and GPU were not measured
+# here; "shift" is also the pick there, by reasoning: it has no [B, N, L, L] gather or scatter
+# (the TPU bottleneck) and about half the FLOPs of "onehot" at L = 512.
+_DEFAULT_IMPL = {"cpu": "shift", "tpu": "shift", "gpu": "shift", "cuda": "shift", "rocm": "shift"}
+
+
+def default_attention_impl(backend: str) -> str:
+    """The "auto" choice for a jax backend name ("cpu", "gpu", "tpu", ...)."""
+    return _DEFAULT_IMPL.get(backend, "shift")
+
+
+def resolve_attention_impl(name: str) -> str:
+    """The impl for `name`: "auto" -> the running backend's default, a known name -> itself."""
+    if name == "auto":
+        return default_attention_impl(jax.default_backend())
+    relative_score_fn(name)
+    return name
 
 
 def relative_score_fn(impl: str) -> RelativeScoreFn:
+    if impl == "auto":
+        impl = default_attention_impl(jax.default_backend())
     try:
         return RELATIVE_SCORE_IMPLS[impl]
     except KeyError:
         raise ValueError(
-            f"unknown attention impl {impl!r}; choose from {sorted(RELATIVE_SCORE_IMPLS)}"
+            f"unknown attention impl {impl!r}; choose from auto, "
+            f"{', '.join(sorted(RELATIVE_SCORE_IMPLS))}"
         ) from None
 
 
