@@ -43,12 +43,7 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import save_file
 
-from debertina_jax.checkpointing import (
-    CheckpointRestoreError,
-    read_checkpoint_meta,
-    restore_checkpoint,
-)
-from debertina_jax.config import Config, MeshConfig, config_from_dict
+from debertina_jax.config import Config
 from debertina_jax.convert import (
     CONFIG_NAME,
     SAFETENSORS_NAME,
@@ -56,14 +51,12 @@ from debertina_jax.convert import (
     model_to_state_dict,
     read_hf_weights,
 )
-from debertina_jax.data.workdir import data_paths
 from debertina_jax.hf_init import EMD_METADATA_KEY, EMD_POSITIONS_KEY
 from debertina_jax.metrics_log import read_metrics
 from debertina_jax.model_config import DebertaV2Config
 from debertina_jax.models import DebertaV2ForMaskedLM, DebertaV2ForReplacedTokenDetection
-from debertina_jax.sharding import make_mesh
+from debertina_jax.pretrained import load_checkpoint
 from debertina_jax.tokenizer import Tokenizer
-from debertina_jax.train_step import abstract_train_state, merge_pair
 
 log = logging.getLogger(__name__)
 
@@ -119,42 +112,24 @@ class ExportSource:
 
 
 def load_source(workdir: str | os.PathLike, step: int | None = None) -> ExportSource:
-    """Restores checkpoint `step` (default: the latest) of `workdir` onto one CPU device.
-
-    Like pretrained.load_checkpoint, but it keeps the EMD's position table, which the
-    standalone generator has no place for.
-    """
+    """Restores checkpoint `step` (default: the latest) of `workdir` onto one CPU device."""
     workdir = Path(workdir)
-    meta = read_checkpoint_meta(workdir, step)
-    try:
-        config = config_from_dict(meta["config"])
-    except (KeyError, ValueError) as e:
-        raise CheckpointRestoreError(
-            f"{workdir}: the config stored in checkpoint {meta.get('step')} is unreadable: {e}"
-        ) from None
-    tokenizer_dir = data_paths(config, workdir)[0]
-    missing = [n for n in TOKENIZER_FILES[:2] if not (tokenizer_dir / n).is_file()]
+    run = load_checkpoint(workdir, step)
+    missing = [n for n in TOKENIZER_FILES[:2] if not (run.tokenizer_dir / n).is_file()]
     if missing:
         raise FileNotFoundError(
-            f"the run's tokenizer directory {tokenizer_dir} lacks {', '.join(missing)}"
+            f"the run's tokenizer directory {run.tokenizer_dir} lacks {', '.join(missing)}"
         )
-    cpu = jax.devices("cpu")[0]
-    mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), devices=[cpu])
-    with jax.default_device(cpu):
-        graphdef, abstract, _ = abstract_train_state(config, mesh, config.train.seed)
-        state = restore_checkpoint(workdir, meta["step"], abstract_state=abstract).state
-        pair = merge_pair(graphdef, state)
-        emd = pair.enhanced_mask_decoder
-        return ExportSource(
-            generator=pair.export_generator(),
-            discriminator=pair.export_discriminator(),
-            emd_positions=None if emd is None else np.asarray(emd.position_embeddings.embedding),
-            config=config,
-            tokenizer_dir=tokenizer_dir,
-            step=int(meta["step"]),
-            tokens_seen=meta.get("tokens_seen"),
-            eval_metrics=_last_eval(workdir, int(meta["step"])),
-        )
+    return ExportSource(
+        generator=run.generator,
+        discriminator=run.discriminator,
+        emd_positions=run.emd_positions,
+        config=run.config,
+        tokenizer_dir=run.tokenizer_dir,
+        step=run.step,
+        tokens_seen=run.meta.get("tokens_seen"),
+        eval_metrics=_last_eval(workdir, run.step),
+    )
 
 
 def _last_eval(workdir: Path, step: int) -> dict[str, Any] | None:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 
 from debertina_jax.checkpointing import (
     CheckpointRestoreError,
@@ -34,6 +35,9 @@ class PretrainedCheckpoint:
     tokenizer_dir: Path
     step: int
     meta: dict[str, Any]
+    # The enhanced mask decoder's absolute position table (None without an EMD): the
+    # standalone generator has no place for it, the export keeps it under a name HF ignores.
+    emd_positions: np.ndarray | None = None
 
 
 def load_checkpoint(workdir: str | os.PathLike, step: int | None = None) -> PretrainedCheckpoint:
@@ -53,6 +57,7 @@ def load_checkpoint(workdir: str | os.PathLike, step: int | None = None) -> Pret
         graphdef, abstract, _ = abstract_train_state(config, mesh, config.train.seed)
         state = restore_checkpoint(workdir, meta["step"], abstract_state=abstract).state
         pair = merge_pair(graphdef, state)
+        emd = pair.enhanced_mask_decoder
         tokenizer_dir, _ = data_paths(config, workdir)
         return PretrainedCheckpoint(
             generator=pair.export_generator(),
@@ -61,4 +66,5 @@ def load_checkpoint(workdir: str | os.PathLike, step: int | None = None) -> Pret
             tokenizer_dir=tokenizer_dir,
             step=int(meta["step"]),
             meta=meta,
+            emd_positions=None if emd is None else np.asarray(emd.position_embeddings.embedding),
         )
