@@ -20,7 +20,7 @@ from debertina_jax.config import ConfigError, load_config
 CONFIG_IN_WORKDIR = "config.yaml"
 
 
-def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog="Overrides are dotted keys, e.g. train.steps=200 train.batch_size=16 "
@@ -35,11 +35,11 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
         help="stop after training the tokenizer or preparing the data (default: train too)",
     )
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
-    return parser.parse_args(argv), []
+    return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, _ = parse_args(argv)
+    args = parse_args(argv)
     # Our progress at INFO; orbax and absl chatter only when something is wrong.
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("debertina_jax").setLevel(logging.INFO)
