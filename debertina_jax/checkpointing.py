@@ -119,7 +119,8 @@ class Checkpointer:
         if keep < 1:
             raise ValueError(f"checkpoint.keep must be >= 1, got {keep}")
         self.every_steps = every_steps
-        self.directory = epath.Path(workdir) / "checkpoints"
+        # orbax refuses relative paths; a workdir like runs/tiny is relative to the cwd.
+        self.directory = epath.Path(os.path.abspath(workdir)) / "checkpoints"
         if read_only and not self.directory.exists():
             raise CheckpointNotFoundError(
                 f"no checkpoints in {workdir}: {self.directory} is missing"

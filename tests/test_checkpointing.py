@@ -157,3 +157,14 @@ def test_process_killed_during_save_keeps_previous_checkpoint(tmp_path):
     restored = restore_checkpoint(tmp_path, restore_data=True)
     assert restored.meta["step"] == 1 and restored.data_state == {"position": 1}
     np.testing.assert_array_equal(np.asarray(restored.state["w"]), np.ones((64, 64)))
+
+
+def test_relative_workdir(tmp_path, mesh, monkeypatch):
+    # `run_pretrain.py --workdir runs/tiny`: orbax itself only takes absolute paths.
+    monkeypatch.chdir(tmp_path)
+    state = make_state(mesh)
+    with Checkpointer("runs/tiny", every_steps=1, keep=1, async_save=False) as ckpt:
+        assert ckpt.save(1, state, {"pos": 1}, {})
+    with Checkpointer("runs/tiny", every_steps=1, keep=1) as ckpt:
+        assert ckpt.restore(abstract_state=abstract(state)).data_state == {"pos": 1}
+    assert (tmp_path / "runs" / "tiny" / "checkpoints" / "1").is_dir()
