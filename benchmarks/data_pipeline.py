@@ -29,7 +29,7 @@ from pathlib import Path
 from debertina_jax.data import format as fmt
 from debertina_jax.data.prepare import prepare
 from debertina_jax.data.sources.local import LocalFiles
-from debertina_jax.tokenizer import Tokenizer, train_tokenizer
+from debertina_jax.data.tokenizer import Tokenizer, train_tokenizer
 
 
 class Context:

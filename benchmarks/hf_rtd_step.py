@@ -25,8 +25,8 @@ import transformers
 from torch import nn
 
 from debertina_jax.config import Config, generator_model_config
-from debertina_jax.flops import masked_per_sequence
-from debertina_jax.model_config import DebertaV2Config
+from debertina_jax.config.model import DebertaV2Config
+from debertina_jax.pretraining.flops import masked_per_sequence
 
 
 def hf_config(config: DebertaV2Config) -> transformers.DebertaV2Config:

@@ -136,7 +136,7 @@ def timed_steps(run_step, warmup: int, steps: int) -> StepTimes:
 
 def case_record(args: argparse.Namespace, config, impl: str, times: StepTimes) -> dict[str, Any]:
     """The keys every case reports: shapes, step time, throughput, model FLOPs and MFU."""
-    from debertina_jax.flops import mfu, train_step_flops
+    from debertina_jax.pretraining.flops import mfu, train_step_flops
 
     flops = train_step_flops(config, args.batch_size, args.seq_len)
     step_time = statistics.median(times)
@@ -175,10 +175,10 @@ def attention_seconds(config, batch: int, seq_len: int, impl: str, repeats: int)
     import jax.numpy as jnp
     from flax import nnx
 
-    from debertina_jax.attention import attention_scale, disentangled_attention
-    from debertina_jax.blocks import apply_dropout
-    from debertina_jax.relative_position import build_relative_positions
-    from debertina_jax.train_step import compute_dtype
+    from debertina_jax.model.attention import attention_scale, disentangled_attention
+    from debertina_jax.model.blocks import apply_dropout
+    from debertina_jax.model.relative_position import build_relative_positions
+    from debertina_jax.pretraining.step import compute_dtype
 
     c = config.model
     dtype = compute_dtype(config)
@@ -217,19 +217,46 @@ def attention_seconds(config, batch: int, seq_len: int, impl: str, repeats: int)
     return statistics.median(timed_steps(run, 1, repeats))
 
 
+def attention_shares(
+    compiled, run_step, config, args, impl: str, step_time: float
+) -> dict[str, float]:
+    """The attention's share of the real step, two ways.
+
+    attention_share_of_time: trace two steps, and add up the ops that `disentangled_attention`
+    created (scores, softmax, dropout on the probabilities, probs @ v, forward and backward; not
+    the q/k/v projections), over all the step's ops.
+    attention_share_isolated: `attention_seconds` x layers / step time. It misses how XLA fuses
+    the attention with its neighbours inside the step; kept for comparison.
+    """
+    from profile_step import op_infos, seconds_by_op, traced_op_seconds
+
+    from debertina_jax.config import generator_model_config
+
+    infos = op_infos(compiled.as_text())
+    per_op = seconds_by_op(infos, traced_op_seconds(run_step, 2))
+    inside = sum(s for name, s in per_op.items() if infos[name].inside("disentangled_attention"))
+    layers = config.model.num_hidden_layers + generator_model_config(config).num_hidden_layers
+    isolated = attention_seconds(config, args.batch_size, args.seq_len, impl, args.steps) * layers
+    return {
+        "attention_time_s": inside,
+        "op_time_s": sum(per_op.values()),
+        "attention_share_of_time": inside / sum(per_op.values()),
+        "attention_share_isolated": isolated / step_time,
+    }
+
+
 def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     import jax
 
-    from debertina_jax.config import generator_model_config
-    from debertina_jax.electra import resolve_attention_impl
-    from debertina_jax.sharding import batch_sharding, make_mesh
-    from debertina_jax.train_step import (
+    from debertina_jax.model.electra import resolve_attention_impl
+    from debertina_jax.pretraining.step import (
         abstract_train_state,
         create_train_state,
         make_train_step,
         shardings_of,
         step_rng,
     )
+    from debertina_jax.runtime.sharding import batch_sharding, make_mesh
 
     config = load_benchmark_config(args)
     impl = resolve_attention_impl(config.train.attention_impl)
@@ -264,12 +291,9 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
         times = timed_steps(run_step, args.warmup, args.steps)
         record = case_record(args, config, "debertina-jax", times)
         if args.attention_timing:
-            layers = (
-                config.model.num_hidden_layers + generator_model_config(config).num_hidden_layers
+            record.update(
+                attention_shares(compiled, run_step, config, args, impl, record["step_time_s"])
             )
-            per_layer = attention_seconds(config, args.batch_size, args.seq_len, impl, args.steps)
-            record["attention_time_s"] = per_layer * layers
-            record["attention_share_of_time"] = per_layer * layers / record["step_time_s"]
             record["attention_time_over_flop_share"] = (
                 record["attention_share_of_time"] / record["attention_share_of_flops"]
             )
@@ -402,7 +426,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def attention_impls(choice: str) -> list[str]:
-    from debertina_jax.attention import RELATIVE_SCORE_IMPLS
+    from debertina_jax.model.attention import RELATIVE_SCORE_IMPLS
 
     if choice == "all":
         return sorted(RELATIVE_SCORE_IMPLS)

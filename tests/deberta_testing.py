@@ -4,8 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from debertina_jax.convert import load_state_dict, model_to_state_dict
-from debertina_jax.model_config import DebertaV2Config
+from debertina_jax.config.model import DebertaV2Config
+from debertina_jax.hf.convert import load_state_dict, model_to_state_dict
 
 
 def tiny_config(**overrides) -> DebertaV2Config:

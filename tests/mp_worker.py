@@ -16,7 +16,7 @@ import numpy as np
 
 
 def distributed(workdir: str) -> dict:
-    from debertina_jax import distributed as dist
+    from debertina_jax.runtime import distributed as dist
 
     # mode "auto": JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID come from
     # the parent, as a launcher would set them.
@@ -26,7 +26,7 @@ def distributed(workdir: str) -> dict:
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from debertina_jax.checkpointing import Checkpointer
+    from debertina_jax.runtime.checkpointing import Checkpointer
 
     pid = jax.process_index()
     assert jax.process_count() == 2 and jax.device_count() == 8 and jax.local_device_count() == 4
@@ -75,7 +75,7 @@ def distributed(workdir: str) -> dict:
 def kill_mid_save(workdir: str) -> None:
     from orbax.checkpoint._src.path import atomicity
 
-    from debertina_jax.checkpointing import Checkpointer
+    from debertina_jax.runtime.checkpointing import Checkpointer
 
     ckpt = Checkpointer(workdir, every_steps=1, keep=3)
     state = {"w": jax.numpy.full((64, 64), 1.0)}

@@ -11,9 +11,13 @@ from deberta_testing import padded_batch, run, tiny_config
 from flax import nnx
 from transformers.models.deberta_v2 import modeling_deberta_v2 as hf_deberta
 
-from debertina_jax.attention import RELATIVE_SCORE_IMPLS, attention_scale, disentangled_attention
-from debertina_jax.models import DebertaV2ForMaskedLM
-from debertina_jax.relative_position import build_relative_positions, log_bucket_positions
+from debertina_jax.model.attention import (
+    RELATIVE_SCORE_IMPLS,
+    attention_scale,
+    disentangled_attention,
+)
+from debertina_jax.model.models import DebertaV2ForMaskedLM
+from debertina_jax.model.relative_position import build_relative_positions, log_bucket_positions
 
 # (position_buckets, max_relative_positions): v3's (256, 512) and other plausible settings.
 BUCKET_SETTINGS = [(256, 512), (128, 512), (64, 128), (256, 1024), (512, 2048), (8, 64), (16, 64)]

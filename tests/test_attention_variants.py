@@ -14,7 +14,7 @@ import pytest
 from deberta_testing import padded_batch, run, tiny_config
 from flax import nnx
 
-from debertina_jax.attention import (
+from debertina_jax.model.attention import (
     RELATIVE_SCORE_IMPLS,
     default_attention_impl,
     disentangled_attention,
@@ -22,8 +22,8 @@ from debertina_jax.attention import (
     relative_by_distance,
     resolve_attention_impl,
 )
-from debertina_jax.models import DebertaV2Model
-from debertina_jax.relative_position import build_relative_positions
+from debertina_jax.model.models import DebertaV2Model
+from debertina_jax.model.relative_position import build_relative_positions
 
 IMPLS = sorted(RELATIVE_SCORE_IMPLS)
 

@@ -13,7 +13,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from debertina_jax.checkpointing import (
+from debertina_jax.runtime.checkpointing import (
     Checkpointer,
     CheckpointNotFoundError,
     CheckpointRestoreError,

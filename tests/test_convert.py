@@ -12,15 +12,15 @@ from deberta_testing import perturb_nnx, perturb_torch, tiny_config
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from debertina_jax.convert import (
+from debertina_jax.config.model import ConfigError
+from debertina_jax.hf.convert import (
     CheckpointError,
     from_hf,
     load_state_dict,
     model_to_state_dict,
     to_hf,
 )
-from debertina_jax.model_config import ConfigError
-from debertina_jax.models import ARCHITECTURES
+from debertina_jax.model.models import ARCHITECTURES
 
 # (architecture, config overrides) for the round trips.
 ROUND_TRIPS = {

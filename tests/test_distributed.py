@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from debertina_jax import distributed as dist
+from debertina_jax.runtime import distributed as dist
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("mp_worker.py")
@@ -166,7 +166,7 @@ def test_two_processes_collectives_checkpoint_and_preemption(tmp_path):
     assert results[0]["steps"] == results[1]["steps"] == [2, 8]
 
     # This (single) process reads the 2-process checkpoint back onto its CPU.
-    from debertina_jax.checkpointing import CheckpointRestoreError, restore_checkpoint
+    from debertina_jax.runtime.checkpointing import CheckpointRestoreError, restore_checkpoint
 
     restored = restore_checkpoint(tmp_path, step=2)
     assert restored.state["batch"].shape == (16, 3)

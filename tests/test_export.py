@@ -1,5 +1,5 @@
-"""convert_to_pt.py / debertina_jax.export: a tiny sharded pretraining run -> HF directories,
-verified; the EMD generator; bad input; and the way back (debertina_jax.hf_init).
+"""convert_to_pt.py / debertina_jax.export.export: a tiny sharded pretraining run -> HF directories,
+verified; the EMD generator; bad input; and the way back (debertina_jax.hf.init).
 
 One tiny run (8 simulated devices, mesh data 2 x fsdp 2 x tensor 2) is trained once per session
 (`tiny_run`) and converted once by the CLI in a one-device subprocess (`tiny_export`);
@@ -27,30 +27,30 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from debertina_jax import export as export_lib
-from debertina_jax.checkpointing import (
-    Checkpointer,
-    CheckpointNotFoundError,
-    CheckpointRestoreError,
-    restore_checkpoint,
-)
 from debertina_jax.config import Config, load_config
-from debertina_jax.convert import from_hf, model_to_state_dict, read_hf_weights
-from debertina_jax.export import (
+from debertina_jax.export import export as export_lib
+from debertina_jax.export.export import (
     ExportError,
     Float16OverflowError,
     OutputPathError,
     VerificationError,
     export,
 )
-from debertina_jax.hf_init import EMD_POSITIONS_KEY, HFInitError, init_state_from_hf
-from debertina_jax.sharding import make_mesh
-from debertina_jax.train_step import (
+from debertina_jax.hf.convert import from_hf, model_to_state_dict, read_hf_weights
+from debertina_jax.hf.init import EMD_POSITIONS_KEY, HFInitError, init_state_from_hf
+from debertina_jax.pretraining.step import (
     abstract_train_state,
     create_train_state,
     merge_pair,
     shardings_of,
 )
+from debertina_jax.runtime.checkpointing import (
+    Checkpointer,
+    CheckpointNotFoundError,
+    CheckpointRestoreError,
+    restore_checkpoint,
+)
+from debertina_jax.runtime.sharding import make_mesh
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
@@ -82,7 +82,7 @@ atexit.register(shutil.rmtree, _SHARED_ROOT, ignore_errors=True)
 def tiny_run() -> Path:
     """The workdir of a 20-step tiny run on 8 devices (checkpoints at steps 10 and 20)."""
     if "run" not in _SHARED:
-        from debertina_jax.trainer import pretrain
+        from debertina_jax.pretraining.loop import pretrain
 
         workdir = _SHARED_ROOT / "run"
         pretrain(load_config(TINY, RUN_OVERRIDES), workdir)

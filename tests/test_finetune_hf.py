@@ -10,7 +10,7 @@ import torch
 import transformers
 from test_export import tiny_export  # the session's tiny run, converted by convert_to_pt.py
 
-from debertina_jax.convert import from_hf
+from debertina_jax.hf.convert import from_hf
 
 # (text, label): 1 = a positive review, 0 = a negative one.
 REVIEWS = [

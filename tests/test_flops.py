@@ -3,7 +3,7 @@
 import pytest
 
 from debertina_jax.config import config_from_dict
-from debertina_jax.flops import (
+from debertina_jax.pretraining.flops import (
     TRAIN_MULTIPLIER,
     mfu,
     relative_rows_used,

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from debertina_jax import electra
 from debertina_jax.config import Config, GeneratorConfig, TrainConfig
-from debertina_jax.model_config import ConfigError, DebertaV2Config
-from debertina_jax.train_step import build_pair, electra_loss
+from debertina_jax.config.model import ConfigError, DebertaV2Config
+from debertina_jax.model import electra
+from debertina_jax.pretraining.step import build_pair, electra_loss
 
 MODEL = DebertaV2Config.deberta_v3(
     vocab_size=96,

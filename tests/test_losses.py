@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from debertina_jax import losses
+from debertina_jax.pretraining import losses
 
 
 def test_mlm_loss_and_accuracy_by_hand():

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from debertina_jax.masking import default_max_predictions, gather_positions, mask_tokens
+from debertina_jax.model.blocks import gather_positions
+from debertina_jax.pretraining.masking import default_max_predictions, mask_tokens
 
 PAD, CLS, SEP, UNK, MASK = 0, 1, 2, 3, 4
 VOCAB = 1000

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from tensorboardX.proto import event_pb2
 
-from debertina_jax.metrics_log import MetricsLogger, read_metrics
+from debertina_jax.runtime.metrics_log import MetricsLogger, read_metrics
 
 
 def tensorboard_events(workdir):

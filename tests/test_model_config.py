@@ -6,7 +6,7 @@ import json
 import pytest
 import transformers
 
-from debertina_jax.model_config import ConfigError, DebertaV2Config
+from debertina_jax.config.model import ConfigError, DebertaV2Config
 
 # microsoft/deberta-v3-base config.json, as downloaded.
 MICROSOFT_V3_BASE = {

@@ -12,9 +12,9 @@ import transformers
 from deberta_testing import padded_batch, perturb_nnx, perturb_torch, run, tiny_config
 from flax import nnx
 
-from debertina_jax.convert import from_hf, load_state_dict, model_to_state_dict
-from debertina_jax.model_config import DebertaV2Config
-from debertina_jax.models import DebertaV2ForReplacedTokenDetection, DebertaV2Model
+from debertina_jax.config.model import DebertaV2Config
+from debertina_jax.hf.convert import from_hf, load_state_dict, model_to_state_dict
+from debertina_jax.model.models import DebertaV2ForReplacedTokenDetection, DebertaV2Model
 
 TOLERANCE = 1e-4
 # Rows padded to different lengths; the longest exceed the 8 position buckets of tiny_config.

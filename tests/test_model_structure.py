@@ -10,9 +10,9 @@ import transformers
 from deberta_testing import padded_batch, perturb_nnx, run, tiny_config
 from flax import nnx
 
-from debertina_jax.convert import load_state_dict, model_to_state_dict
-from debertina_jax.model_config import DebertaV2Config
-from debertina_jax.models import (
+from debertina_jax.config.model import DebertaV2Config
+from debertina_jax.hf.convert import load_state_dict, model_to_state_dict
+from debertina_jax.model.models import (
     DebertaV2ForMaskedLM,
     DebertaV2Model,
 )

@@ -7,8 +7,8 @@ import optax
 import pytest
 from flax import nnx
 
-from debertina_jax import optimizer
 from debertina_jax.config import Config, OptimizerConfig, TrainConfig
+from debertina_jax.pretraining import optimizer
 
 
 def _config(**opt) -> Config:

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 
 import debertina_jax
+from debertina_jax.cli import prepare as prepare_cli
 from debertina_jax.data import format as fmt
 from debertina_jax.data import prepare as prep
 from debertina_jax.data.sources import DocumentSource, EmptyCorpusError, SourceError, WorkUnit
 from debertina_jax.data.sources.local import LocalFiles
-from debertina_jax.tokenizer import Tokenizer, train_tokenizer
+from debertina_jax.data.tokenizer import Tokenizer, train_tokenizer
 
 SAMPLE_DIR = Path(debertina_jax.__file__).parent / "sample_data" / "pt"
 SEQ = 64
@@ -265,13 +266,13 @@ def test_cli(corpus, tok_dir, tmp_path, capsys):
     out = tmp_path / "cli"
     args = ["--tokenizer", str(tok_dir), "--output", str(out), "--input", str(corpus)]
     args += ["--max-seq-length", "128", "--eval-lines", "2", "--no-progress", "--num-workers", "1"]
-    assert prep.main(args) == 0
+    assert prepare_cli.main(args) == 0
     assert "2 eval lines" in capsys.readouterr().out
     metadata = fmt.read_metadata(out)
     assert metadata["max_seq_length"] == 128
     assert all(line[0] == 1 and line[-1] == 2 and len(line) <= 128 for line in _lines(out, "eval"))
     bad = ["--tokenizer", str(tok_dir), "--output", str(out), "--input", str(tmp_path / "no.txt")]
-    assert prep.main(bad) == 2
+    assert prepare_cli.main(bad) == 2
     assert "no.txt" in capsys.readouterr().err
 
 

@@ -20,7 +20,7 @@ import pytest
 
 from debertina_jax.config import load_config
 from debertina_jax.data.workdir import ensure_data
-from debertina_jax.metrics_log import read_metrics
+from debertina_jax.runtime.metrics_log import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
@@ -183,7 +183,7 @@ def test_same_losses_on_1_device_and_on_2_processes(data_overrides, tmp_path):
     assert 8 in _checkpoints(tmp_path / "pod")
 
     # The checkpoint of the sharded two-process run loads on one CPU.
-    from debertina_jax.pretrained import load_checkpoint
+    from debertina_jax.export.checkpoint import load_checkpoint
 
     loaded = load_checkpoint(tmp_path / "pod")
     assert loaded.step == 8

@@ -10,11 +10,11 @@ import pytest
 import sentencepiece as spm
 
 import debertina_jax
-from debertina_jax import text as text_lib
-from debertina_jax import tokenizer as tok_lib
+from debertina_jax.cli import tokenizer as tokenizer_cli
+from debertina_jax.data import text as text_lib
 from debertina_jax.data.sources import DocumentSource, EmptyCorpusError, SourceError, WorkUnit
 from debertina_jax.data.sources.local import LocalFiles
-from debertina_jax.tokenizer import Tokenizer, VocabSizeError, train_tokenizer
+from debertina_jax.data.tokenizer import Tokenizer, VocabSizeError, train_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -294,10 +294,10 @@ def test_cli(tmp_path, capsys):
     corpus.write_text("\n\n".join(_sample_texts()), encoding="utf-8")
     out = tmp_path / "cli"
     args = ["--input", str(corpus), "--vocab-size", "300", "--output", str(out)]
-    assert tok_lib.main(args) == 0
+    assert tokenizer_cli.main(args) == 0
     assert Tokenizer.load(out).mask_id == 300
     assert "300 pieces" in capsys.readouterr().out
-    assert tok_lib.main(["--input", str(tmp_path / "missing.txt"), *args[2:]]) == 2
+    assert tokenizer_cli.main(["--input", str(tmp_path / "missing.txt"), *args[2:]]) == 2
     assert "missing.txt" in capsys.readouterr().err
 
 

@@ -7,10 +7,10 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec
 
-from debertina_jax import sharding
-from debertina_jax import train_step as ts
 from debertina_jax.config import MeshConfig, config_from_dict
-from debertina_jax.model_config import ConfigError
+from debertina_jax.config.model import ConfigError
+from debertina_jax.pretraining import step as ts
+from debertina_jax.runtime import sharding
 
 BATCH, LENGTH = 8, 16
 

@@ -18,7 +18,7 @@ from debertina_jax.config import Config, DataConfig
 from debertina_jax.data import format as fmt
 from debertina_jax.data.prepare import prepare
 from debertina_jax.data.sources import DocumentSource
-from debertina_jax.tokenizer import Tokenizer, train_tokenizer
+from debertina_jax.data.tokenizer import Tokenizer, train_tokenizer
 
 logger = logging.getLogger(__name__)
 

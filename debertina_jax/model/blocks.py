@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from debertina_jax.model_config import DebertaV2Config
+from debertina_jax.config.model import DebertaV2Config
 
 Axes = tuple[str | None, ...]
 
@@ -137,3 +137,8 @@ def key_rngs(key: jax.Array | None) -> nnx.Rngs | None:
 def apply_dropout(dropout: nnx.Dropout, x: jax.Array, rngs: nnx.Rngs | None) -> jax.Array:
     """Dropout that is active exactly when an rng stream is given."""
     return dropout(x, deterministic=rngs is None, rngs=rngs)
+
+
+def gather_positions(x: jax.Array, positions: jax.Array) -> jax.Array:
+    """x [B, L, ...] at positions [B, P] -> [B, P, ...]."""
+    return jax.vmap(lambda row, pos: row[pos])(x, positions)

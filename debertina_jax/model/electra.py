@@ -28,13 +28,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from debertina_jax.attention import resolve_attention_impl
-from debertina_jax.blocks import embed, split_key
 from debertina_jax.config import Config, generator_model_config
-from debertina_jax.layers import Encoder, EncoderLayer
-from debertina_jax.masking import gather_positions
-from debertina_jax.model_config import ConfigError, DebertaV2Config
-from debertina_jax.models import DebertaV2ForMaskedLM, DebertaV2ForReplacedTokenDetection
+from debertina_jax.config.model import ConfigError, DebertaV2Config
+from debertina_jax.model.attention import resolve_attention_impl
+from debertina_jax.model.blocks import embed, gather_positions, split_key
+from debertina_jax.model.layers import Encoder, EncoderLayer
+from debertina_jax.model.models import DebertaV2ForMaskedLM, DebertaV2ForReplacedTokenDetection
 
 EMD_STEPS = 2  # the official EMD applies the shared last layer twice
 

@@ -2,16 +2,15 @@
 
 Ids as in DeBERTa-v3: [PAD]=0, [CLS]=1, [SEP]=2, [UNK]=3 are SentencePiece pieces, [MASK] is
 appended after the last piece (id = number of pieces). The text is normalised with the exact
-normaliser HF's DebertaV2Tokenizer uses (debertina_jax.text) before training, and the exported
+normaliser HF's DebertaV2Tokenizer uses (debertina_jax.data.text) before training, and the exported
 tokenizer.json is the tokenizer HF rebuilds, so `Tokenizer.load(dir).encode_batch` and
 `AutoTokenizer.from_pretrained(dir)` give the same ids. See docs/tokenizer.md for the choices.
 
-    python -m debertina_jax.tokenizer --input FILE [FILE ...] --vocab-size N --output DIR
+    python -m debertina_jax.data.tokenizer --input FILE [FILE ...] --vocab-size N --output DIR
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import itertools
@@ -19,8 +18,6 @@ import json
 import os
 import random
 import re
-import sys
-import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -30,9 +27,9 @@ from tokenizers import AddedToken, decoders, processors
 from tokenizers import Tokenizer as RustTokenizer
 from tokenizers.models import Unigram
 
-from debertina_jax import text as text_lib
+from debertina_jax.data import text as text_lib
 from debertina_jax.data.format import atomic_write
-from debertina_jax.data.sources import DocumentSource, EmptyCorpusError, SourceError
+from debertina_jax.data.sources import DocumentSource, EmptyCorpusError
 from debertina_jax.data.sources.local import LocalFiles
 
 PAD, CLS, SEP, UNK, MASK = "[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]"
@@ -285,7 +282,7 @@ class Tokenizer:
         path = Path(directory) / "tokenizer.json"
         if not path.is_file():
             raise FileNotFoundError(
-                f"{path} not found: train a tokenizer with python -m debertina_jax.tokenizer"
+                f"{path} not found: train a tokenizer with python -m debertina_jax.data.tokenizer"
             )
         return cls(RustTokenizer.from_file(str(path)), Path(directory))
 
@@ -306,49 +303,3 @@ class Tokenizer:
         """Ids of each text, without [CLS]/[SEP] (as HF with add_special_tokens=False)."""
         encodings = self.backend.encode_batch_fast(list(texts), add_special_tokens=False)
         return [e.ids for e in encodings]
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m debertina_jax.tokenizer", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument(
-        "--input", nargs="+", required=True, help="text files, globs or folders (.txt, .jsonl...)"
-    )
-    parser.add_argument("--vocab-size", type=int, required=True, help="number of spm pieces")
-    parser.add_argument("--output", required=True, help="directory for the HF tokenizer files")
-    parser.add_argument("--encoding", default="utf-8")
-    parser.add_argument("--errors", default="strict", help="codec errors: strict/replace/ignore")
-    parser.add_argument("--text-key", default="text", help="field of .jsonl/.parquet inputs")
-    parser.add_argument("--character-coverage", type=float, default=0.9995)
-    parser.add_argument(
-        "--max-sentences", type=int, default=5_000_000, help="text read, in pieces of <= 1 KB"
-    )
-    parser.add_argument("--verbose", action="store_true", help="show SentencePiece's log")
-    args = parser.parse_args(argv)
-    start = time.perf_counter()
-    try:
-        source = LocalFiles(
-            args.input, encoding=args.encoding, errors=args.errors, text_key=args.text_key
-        )
-        out = train_tokenizer(
-            source,
-            args.vocab_size,
-            args.output,
-            character_coverage=args.character_coverage,
-            max_sentences=args.max_sentences,
-            verbose=args.verbose,
-        )
-    except (SourceError, VocabSizeError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    tokenizer = Tokenizer.load(out)
-    print(
-        f"wrote {out}: {tokenizer.num_pieces} pieces + [MASK]={tokenizer.mask_id} in "
-        f"{time.perf_counter() - start:.1f}s"
-    )
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -10,6 +10,8 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
+from debertina_jax.config.model import ACTIVATIONS as ACTIVATION_NAMES
+
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "gelu": partial(jax.nn.gelu, approximate=False),
     "gelu_python": partial(jax.nn.gelu, approximate=False),
@@ -23,6 +25,8 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "swish": jax.nn.silu,
     "linear": lambda x: x,
 }
+# The config accepts exactly the names implemented here.
+assert set(ACTIVATIONS) == set(ACTIVATION_NAMES), set(ACTIVATIONS) ^ set(ACTIVATION_NAMES)
 
 
 def activation(name: str) -> Callable[[jax.Array], jax.Array]:

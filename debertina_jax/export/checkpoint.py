@@ -15,16 +15,16 @@ from typing import Any
 import jax
 import numpy as np
 
-from debertina_jax.checkpointing import (
+from debertina_jax.config import Config, MeshConfig, config_from_dict
+from debertina_jax.data.workdir import data_paths
+from debertina_jax.model.models import DebertaV2ForMaskedLM, DebertaV2ForReplacedTokenDetection
+from debertina_jax.pretraining.step import abstract_train_state, merge_pair
+from debertina_jax.runtime.checkpointing import (
     CheckpointRestoreError,
     read_checkpoint_meta,
     restore_checkpoint,
 )
-from debertina_jax.config import Config, MeshConfig, config_from_dict
-from debertina_jax.data.workdir import data_paths
-from debertina_jax.models import DebertaV2ForMaskedLM, DebertaV2ForReplacedTokenDetection
-from debertina_jax.sharding import make_mesh
-from debertina_jax.train_step import abstract_train_state, merge_pair
+from debertina_jax.runtime.sharding import make_mesh
 
 
 @dataclass

@@ -32,9 +32,9 @@ import dataclasses
 import numpy as np
 
 from debertina_jax.config import Config, generator_model_config
-from debertina_jax.electra import EMD_STEPS
-from debertina_jax.model_config import DebertaV2Config
-from debertina_jax.relative_position import log_bucket_positions
+from debertina_jax.config.model import DebertaV2Config
+from debertina_jax.model.electra import EMD_STEPS
+from debertina_jax.model.relative_position import log_bucket_positions
 
 # Forward + backward (gradients w.r.t. activations and w.r.t. weights): 3x the forward.
 TRAIN_MULTIPLIER = 3

@@ -28,8 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from debertina_jax.blocks import apply_dropout, dense
-from debertina_jax.model_config import DebertaV2Config
+from debertina_jax.config.model import DebertaV2Config
+from debertina_jax.model.blocks import apply_dropout, dense
 
 # (content [B, N, L, d], pos [N, R, d], index [L, L'] into R) -> scores [B, N, L, L'] with
 # scores[b, n, i, j] = content[b, n, i] . pos[n, index[i, j]].

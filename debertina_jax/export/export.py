@@ -44,19 +44,19 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 from debertina_jax.config import Config
-from debertina_jax.convert import (
+from debertina_jax.config.model import DebertaV2Config
+from debertina_jax.data.tokenizer import Tokenizer
+from debertina_jax.export.checkpoint import load_checkpoint
+from debertina_jax.hf.convert import (
     CONFIG_NAME,
     SAFETENSORS_NAME,
     from_hf,
     model_to_state_dict,
     read_hf_weights,
 )
-from debertina_jax.hf_init import EMD_METADATA_KEY, EMD_POSITIONS_KEY
-from debertina_jax.metrics_log import read_metrics
-from debertina_jax.model_config import DebertaV2Config
-from debertina_jax.models import DebertaV2ForMaskedLM, DebertaV2ForReplacedTokenDetection
-from debertina_jax.pretrained import load_checkpoint
-from debertina_jax.tokenizer import Tokenizer
+from debertina_jax.hf.init import EMD_METADATA_KEY, EMD_POSITIONS_KEY
+from debertina_jax.model.models import DebertaV2ForMaskedLM, DebertaV2ForReplacedTokenDetection
+from debertina_jax.runtime.metrics_log import read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +244,7 @@ def model_card(
             "the ELECTRA-style **discriminator** (replaced-token detection), the model to "
             "fine-tune. The word embeddings are the merged GDES table (E_G + E_delta). The RTD "
             "head is stored as `mask_predictions.*`: transformers does not use it and lists it "
-            "as unused when loading; `debertina_jax.convert.from_hf(dir, "
+            "as unused when loading; `debertina_jax.hf.convert.from_hf(dir, "
             '"DebertaV2ForReplacedTokenDetection")` reads it back.'
         )
         load = (

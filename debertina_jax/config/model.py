@@ -16,8 +16,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-from debertina_jax.activations import ACTIVATIONS
-
 MODEL_TYPE = "deberta-v2"
 
 # Keys every HF PretrainedConfig may write (plus generation defaults old 4.x versions wrote).
@@ -39,6 +37,20 @@ _GENERIC_HF_KEYS = frozenset(
 )
 
 _POS_ATT_TYPES = ("c2p", "p2c")
+# The HF activation names the model implements (model/activations.py maps each to a function).
+ACTIVATIONS = (
+    "gelu",
+    "gelu_python",
+    "gelu_new",
+    "gelu_pytorch_tanh",
+    "gelu_fast",
+    "relu",
+    "tanh",
+    "sigmoid",
+    "silu",
+    "swish",
+    "linear",
+)
 _NORM_REL_EBD = ("none", "layer_norm")
 
 

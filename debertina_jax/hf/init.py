@@ -39,11 +39,11 @@ import numpy as np
 from flax import nnx
 
 from debertina_jax.config import Config, generator_model_config
-from debertina_jax.convert import CONFIG_NAME, SAFETENSORS_NAME, read_hf_weights
-from debertina_jax.electra import ElectraPair
-from debertina_jax.hf_names import TensorName, tensor_names
-from debertina_jax.model_config import DebertaV2Config
-from debertina_jax.models import DebertaV2ForMaskedLM, DebertaV2Model
+from debertina_jax.config.model import DebertaV2Config
+from debertina_jax.hf.convert import CONFIG_NAME, SAFETENSORS_NAME, read_hf_weights
+from debertina_jax.hf.names import TensorName, tensor_names
+from debertina_jax.model.electra import ElectraPair
+from debertina_jax.model.models import DebertaV2ForMaskedLM, DebertaV2Model
 
 log = logging.getLogger(__name__)
 

@@ -24,9 +24,9 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from debertina_jax.hf_names import HEAD_PREFIXES, tensor_names
-from debertina_jax.model_config import DebertaV2Config
-from debertina_jax.models import DebertaV2ForMaskedLM, DebertaV2Model, architecture_class
+from debertina_jax.config.model import DebertaV2Config
+from debertina_jax.hf.names import HEAD_PREFIXES, tensor_names
+from debertina_jax.model.models import DebertaV2ForMaskedLM, DebertaV2Model, architecture_class
 
 log = logging.getLogger(__name__)
 

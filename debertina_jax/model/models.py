@@ -13,10 +13,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from debertina_jax.blocks import dense, dropout_key, dropout_stream, key_rngs, split_key
-from debertina_jax.heads import ContextPooler, MLMHead, RTDHead
-from debertina_jax.layers import Embeddings, Encoder
-from debertina_jax.model_config import DebertaV2Config
+from debertina_jax.config.model import DebertaV2Config
+from debertina_jax.model.blocks import dense, dropout_key, dropout_stream, key_rngs, split_key
+from debertina_jax.model.heads import ContextPooler, MLMHead, RTDHead
+from debertina_jax.model.layers import Embeddings, Encoder
 
 
 class DebertaV2Model(nnx.Module):

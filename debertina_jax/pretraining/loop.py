@@ -19,20 +19,20 @@ import jax
 import numpy as np
 import yaml
 
-from debertina_jax import distributed
-from debertina_jax.checkpointing import Checkpointer
 from debertina_jax.config import Config, InitConfig
 from debertina_jax.data.loader import make_eval_loader, make_loader
 from debertina_jax.data.workdir import PreparedData, ensure_data
-from debertina_jax.metrics_log import MetricsLogger
-from debertina_jax.sharding import batch_sharding, make_mesh
-from debertina_jax.train_step import (
+from debertina_jax.pretraining.step import (
     create_train_state,
     make_eval_step,
     make_train_step,
     shardings_of,
     step_rng,
 )
+from debertina_jax.runtime import distributed
+from debertina_jax.runtime.checkpointing import Checkpointer
+from debertina_jax.runtime.metrics_log import MetricsLogger
+from debertina_jax.runtime.sharding import batch_sharding, make_mesh
 
 logger = logging.getLogger(__name__)
 

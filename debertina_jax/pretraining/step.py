@@ -23,15 +23,16 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from debertina_jax import losses
-from debertina_jax.attention import resolve_attention_impl
 from debertina_jax.config import Config
-from debertina_jax.electra import ElectraPair
-from debertina_jax.hf_init import init_state_from_hf
-from debertina_jax.masking import default_max_predictions, gather_positions, mask_tokens
-from debertina_jax.model_config import ConfigError
-from debertina_jax.optimizer import current_learning_rate, make_optimizer
-from debertina_jax.sharding import batch_sharding, batch_shards, state_shardings
+from debertina_jax.config.model import ConfigError
+from debertina_jax.hf.init import init_state_from_hf
+from debertina_jax.model.attention import resolve_attention_impl
+from debertina_jax.model.blocks import gather_positions
+from debertina_jax.model.electra import ElectraPair
+from debertina_jax.pretraining import losses
+from debertina_jax.pretraining.masking import default_max_predictions, mask_tokens
+from debertina_jax.pretraining.optimizer import current_learning_rate, make_optimizer
+from debertina_jax.runtime.sharding import batch_sharding, batch_shards, state_shardings
 
 TrainState = dict[str, Any]
 Metrics = dict[str, jax.Array]

@@ -92,11 +92,6 @@ def mask_tokens(
     return MaskedBatch(corrupted, input_ids, is_masked, positions, weights.astype(jnp.float32))
 
 
-def gather_positions(x: jax.Array, positions: jax.Array) -> jax.Array:
-    """x [B, L, ...] at positions [B, P] -> [B, P, ...]."""
-    return jax.vmap(lambda row, pos: row[pos])(x, positions)
-
-
 def default_max_predictions(max_seq_length: int, mask_prob: float = 0.15, multiple: int = 8) -> int:
     """ceil(mask_prob * L) rounded up to `multiple` (a TPU-friendly size), at most L.
 

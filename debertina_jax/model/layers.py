@@ -13,9 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from debertina_jax.activations import activation
-from debertina_jax.attention import DisentangledSelfAttention
-from debertina_jax.blocks import (
+from debertina_jax.config.model import DebertaV2Config
+from debertina_jax.model.activations import activation
+from debertina_jax.model.attention import DisentangledSelfAttention
+from debertina_jax.model.blocks import (
     apply_dropout,
     apply_norm,
     dense,
@@ -26,8 +27,7 @@ from debertina_jax.blocks import (
     partitioned,
     split_key,
 )
-from debertina_jax.model_config import DebertaV2Config
-from debertina_jax.relative_position import build_relative_positions
+from debertina_jax.model.relative_position import build_relative_positions
 
 REMAT_POLICIES = {
     "none": None,

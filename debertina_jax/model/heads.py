@@ -12,9 +12,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from debertina_jax.activations import activation
-from debertina_jax.blocks import apply_dropout, apply_norm, dense, layer_norm, partitioned
-from debertina_jax.model_config import DebertaV2Config
+from debertina_jax.config.model import DebertaV2Config
+from debertina_jax.model.activations import activation
+from debertina_jax.model.blocks import apply_dropout, apply_norm, dense, layer_norm, partitioned
 
 
 class MLMHead(nnx.Module):

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from debertina_jax.model_config import ConfigError, DebertaV2Config
+from debertina_jax.config.model import ConfigError, DebertaV2Config
 
 
 @dataclass(frozen=True)

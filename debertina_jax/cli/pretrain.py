@@ -1,0 +1,70 @@
+"""Pretrain a DeBERTa-v3 discriminator the DeBERTina way: ELECTRA-style RTD with GDES.
+
+    python run_pretrain.py --config configs/tiny.yaml --workdir runs/tiny [section.key=value ...]
+
+Given raw text (`data.train_files`, default: the sample corpus in the package), it trains the
+tokenizer and prepares the data when the workdir does not have them yet, then trains. A rerun
+with the same workdir resumes from the latest checkpoint; `--config` may then be left out.
+`--stage tokenizer` or `--stage prepare` stops after that step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from debertina_jax.config import ConfigError, load_config
+
+CONFIG_IN_WORKDIR = "config.yaml"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Overrides are dotted keys, e.g. train.steps=200 train.batch_size=16 "
+        "data.max_seq_length=128 data.train_files=/path/corpus/*.txt mesh.data=4",
+    )
+    parser.add_argument("--config", help="YAML config (default: WORKDIR/config.yaml on resume)")
+    parser.add_argument("--workdir", required=True, help="run directory (created if missing)")
+    parser.add_argument(
+        "--stage",
+        choices=("all", "tokenizer", "prepare"),
+        default="all",
+        help="stop after training the tokenizer or preparing the data (default: train too)",
+    )
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    # Our progress at INFO; orbax and absl chatter only when something is wrong.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger("debertina_jax").setLevel(logging.INFO)
+    workdir = Path(args.workdir)
+    config_path = args.config or workdir / CONFIG_IN_WORKDIR
+    if args.config is None and not Path(config_path).is_file():
+        print(f"error: no --config given and no {config_path} to resume from", file=sys.stderr)
+        return 2
+    try:
+        config = load_config(config_path, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    # Imported after the config is checked: a typo should not wait for JAX to load.
+    from debertina_jax.pretraining.loop import TrainingStopped, pretrain
+
+    try:
+        result = pretrain(config, workdir, stage=args.stage)
+    except (ConfigError, TrainingStopped, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(result.summary())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
