@@ -178,10 +178,10 @@ def attention_seconds(config, batch: int, seq_len: int, impl: str, repeats: int)
     from debertina_jax.model.attention import attention_scale, disentangled_attention
     from debertina_jax.model.blocks import apply_dropout
     from debertina_jax.model.relative_position import build_relative_positions
-    from debertina_jax.pretraining.step import compute_dtype
+    from debertina_jax.pretraining.step import compute_settings
 
     c = config.model
-    dtype = compute_dtype(config)
+    dtype = compute_settings(config).dtype
     heads, head_dim, span = c.num_attention_heads, c.head_dim, c.relative_span
     terms = c.pos_att_type if c.relative_attention else ()
     keys = jax.random.split(jax.random.key(0), 6)
@@ -248,7 +248,7 @@ def attention_shares(
 def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     import jax
 
-    from debertina_jax.model.electra import resolve_attention_impl
+    from debertina_jax.model.attention import resolve_attention_impl
     from debertina_jax.pretraining.step import (
         abstract_train_state,
         create_train_state,

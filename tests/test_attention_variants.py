@@ -22,6 +22,7 @@ from debertina_jax.model.attention import (
     relative_by_distance,
     resolve_attention_impl,
 )
+from debertina_jax.model.compute import Compute
 from debertina_jax.model.models import DebertaV2Model
 from debertina_jax.model.relative_position import build_relative_positions
 
@@ -113,7 +114,7 @@ def test_attention_and_its_gradients_equal_across_impls(pos_att_type):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_model_output_is_the_same_with_every_impl(impl, gather_model_output):
     config, ids, mask, expected = gather_model_output
-    model = DebertaV2Model(config, rngs=nnx.Rngs(0), attention_impl=impl)
+    model = DebertaV2Model(config, rngs=nnx.Rngs(0), compute=Compute(attention_impl=impl))
     np.testing.assert_allclose(run(model, ids, mask), expected, rtol=1e-5, atol=1e-5)
 
 
@@ -121,7 +122,7 @@ def test_model_output_is_the_same_with_every_impl(impl, gather_model_output):
 def gather_model_output():
     config = tiny_config()  # 8 buckets: the 40-token rows reach the log-bucketed distances
     ids, mask = padded_batch(config.vocab_size, [40, 25, 9])
-    model = DebertaV2Model(config, rngs=nnx.Rngs(0), attention_impl="gather")
+    model = DebertaV2Model(config, rngs=nnx.Rngs(0), compute=Compute(attention_impl="gather"))
     return config, ids, mask, run(model, ids, mask)
 
 

@@ -20,6 +20,7 @@ from debertina_jax.hf.convert import (
     model_to_state_dict,
     to_hf,
 )
+from debertina_jax.model.compute import Compute
 from debertina_jax.model.models import ARCHITECTURES
 
 # (architecture, config overrides) for the round trips.
@@ -41,7 +42,7 @@ ROUND_TRIPS = {
 
 def _ours(architecture: str, scan_layers: bool = False, **overrides):
     model = ARCHITECTURES[architecture](
-        tiny_config(**overrides), rngs=nnx.Rngs(0), scan_layers=scan_layers
+        tiny_config(**overrides), rngs=nnx.Rngs(0), compute=Compute(scan_layers=scan_layers)
     )
     perturb_nnx(model)
     return model
@@ -82,8 +83,8 @@ def test_scanned_model_round_trip(tmp_path):
     hf, info = transformers.DebertaV2ForMaskedLM.from_pretrained(tmp_path, output_loading_info=True)
     assert not any(info.values()), info
     plain = from_hf(tmp_path)
-    scanned = from_hf(tmp_path, scan_layers=True)
-    assert not plain.deberta.scan_layers and scanned.deberta.scan_layers
+    scanned = from_hf(tmp_path, compute=Compute(scan_layers=True))
+    assert not plain.compute.scan_layers and scanned.compute.scan_layers
     _assert_same_tensors(model_to_state_dict(plain), model_to_state_dict(model))
     _assert_same_tensors(model_to_state_dict(scanned), model_to_state_dict(model))
 

@@ -14,6 +14,7 @@ from flax import nnx
 
 from debertina_jax.config.model import DebertaV2Config
 from debertina_jax.hf.convert import from_hf, load_state_dict, model_to_state_dict
+from debertina_jax.model.compute import Compute
 from debertina_jax.model.models import DebertaV2ForReplacedTokenDetection, DebertaV2Model
 
 TOLERANCE = 1e-4
@@ -174,7 +175,7 @@ def test_bfloat16_close_to_float32():
     config = tiny_config(num_hidden_layers=4, hidden_size=64, intermediate_size=128)
     f32 = DebertaV2Model(config, rngs=nnx.Rngs(0))
     perturb_nnx(f32)
-    bf16 = DebertaV2Model(config, rngs=nnx.Rngs(1), dtype=np.dtype("bfloat16"))
+    bf16 = DebertaV2Model(config, rngs=nnx.Rngs(1), compute=Compute(dtype="bfloat16"))
     load_state_dict(bf16, model_to_state_dict(f32))
     ids, mask = padded_batch(config.vocab_size, LENGTHS)
     ref = run(f32, ids, mask)

@@ -12,6 +12,7 @@ from flax import nnx
 
 from debertina_jax.config.model import DebertaV2Config
 from debertina_jax.hf.convert import load_state_dict, model_to_state_dict
+from debertina_jax.model.compute import Compute
 from debertina_jax.model.models import (
     DebertaV2ForMaskedLM,
     DebertaV2Model,
@@ -95,9 +96,8 @@ def test_every_parameter_has_logical_axes(scan_layers):
     config = tiny_config(
         conv_kernel_size=3, share_att_key=False, position_biased_input=True, type_vocab_size=2
     )
-    model = nnx.eval_shape(
-        lambda: DebertaV2ForMaskedLM(config, rngs=nnx.Rngs(0), scan_layers=scan_layers)
-    )
+    compute = Compute(scan_layers=scan_layers)
+    model = nnx.eval_shape(lambda: DebertaV2ForMaskedLM(config, rngs=nnx.Rngs(0), compute=compute))
     axes = {}
     for path, param in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         names = param.get_metadata().get("out_sharding")
@@ -131,7 +131,7 @@ def plain_mlm():
 
 def _copy(model, **kwargs):
     """Same weights in a model built with other options (scan/remat/impl)."""
-    other = type(model)(model.config, rngs=nnx.Rngs(1), **kwargs)
+    other = type(model)(model.config, rngs=nnx.Rngs(1), compute=Compute(**kwargs))
     load_state_dict(other, model_to_state_dict(model))
     return other
 
@@ -163,7 +163,7 @@ def test_scan_with_conv_layer_matches_plain():
 
 def _grads_by_hf_name(model, ids, mask):
     grads = nnx.jit(nnx.grad(lambda m: jnp.sum(m(ids, mask) ** 2) / 1e3))(model)
-    holder = _copy(model, scan_layers=model.deberta.scan_layers)
+    holder = _copy(model, scan_layers=model.compute.scan_layers)
     nnx.update(holder, grads)
     return model_to_state_dict(holder)
 
@@ -244,6 +244,6 @@ def test_position_embedding_override():
 def test_bad_model_options_are_rejected():
     config = tiny_config()
     with pytest.raises(ValueError, match="remat"):
-        DebertaV2Model(config, rngs=nnx.Rngs(0), remat="some")
+        DebertaV2Model(config, rngs=nnx.Rngs(0), compute=Compute(remat="some"))
     with pytest.raises(ValueError, match="attention impl"):
-        DebertaV2Model(config, rngs=nnx.Rngs(0), attention_impl="fast")
+        DebertaV2Model(config, rngs=nnx.Rngs(0), compute=Compute(attention_impl="fast"))

@@ -26,6 +26,7 @@ from safetensors.numpy import load_file, save_file
 
 from debertina_jax.config.model import DebertaV2Config
 from debertina_jax.hf.names import HEAD_PREFIXES, tensor_names
+from debertina_jax.model.compute import DEFAULT_COMPUTE, Compute
 from debertina_jax.model.models import DebertaV2ForMaskedLM, DebertaV2Model, architecture_class
 
 log = logging.getLogger(__name__)
@@ -159,9 +160,7 @@ def from_hf(
     path: str | Path,
     architecture: str | None = None,
     *,
-    dtype: jnp.dtype = jnp.float32,
-    scan_layers: bool = False,
-    remat: str = "none",
+    compute: Compute = DEFAULT_COMPUTE,
 ) -> nnx.Module:
     """Load an HF DeBERTa-v2/v3 directory as the model named by `architecture` (default: the
     config's first `architectures` entry, else DebertaV2Model). Base-model keys may come with
@@ -179,7 +178,7 @@ def from_hf(
     state = _normalise_keys(read_hf_weights(d), base=cls is DebertaV2Model)
     if cls is DebertaV2ForMaskedLM:
         config = _mlm_layout_from_weights(config, state)
-    model = cls(config, rngs=nnx.Rngs(0), dtype=dtype, scan_layers=scan_layers, remat=remat)
+    model = cls(config, rngs=nnx.Rngs(0), compute=compute)
     expected = {t.hf_key for t in tensor_names(model)}
     ignored = sorted(k for k in state if k not in expected and _ignored_like_hf(k, config))
     if ignored:

@@ -30,6 +30,7 @@ from flax import nnx
 
 from debertina_jax.config.model import DebertaV2Config
 from debertina_jax.model.blocks import apply_dropout, dense
+from debertina_jax.model.compute import DEFAULT_COMPUTE, Compute
 
 # (content [B, N, L, d], pos [N, R, d], index [L, L'] into R) -> scores [B, N, L, L'] with
 # scores[b, n, i, j] = content[b, n, i] . pos[n, index[i, j]].
@@ -210,13 +211,12 @@ class DisentangledSelfAttention(nnx.Module):
         config: DebertaV2Config,
         *,
         rngs: nnx.Rngs,
-        dtype: jnp.dtype = jnp.float32,
-        impl: str = "gather",
+        compute: Compute = DEFAULT_COMPUTE,
     ):
-        relative_score_fn(impl)  # fail at construction on a bad name
+        relative_score_fn(compute.attention_impl)  # fail at construction on a bad name
         self.config = config
-        self.dtype = dtype
-        self.impl = impl
+        self.dtype = dtype = compute.dtype
+        self.impl = compute.attention_impl
         hidden, inner = config.hidden_size, config.num_attention_heads * config.head_dim
         proj = partial(dense, hidden, inner, ("embed", "heads"), config, rngs=rngs, dtype=dtype)
         self.query_proj = proj()

@@ -30,14 +30,14 @@ from flax import nnx
 
 from debertina_jax.config import Config, generator_model_config
 from debertina_jax.config.model import ConfigError, DebertaV2Config
-from debertina_jax.model.attention import resolve_attention_impl
 from debertina_jax.model.blocks import embed, gather_positions, split_key
+from debertina_jax.model.compute import DEFAULT_COMPUTE, Compute
 from debertina_jax.model.layers import Encoder, EncoderLayer
 from debertina_jax.model.models import DebertaV2ForMaskedLM, DebertaV2ForReplacedTokenDetection
 
 EMD_STEPS = 2  # the official EMD applies the shared last layer twice
 
-__all__ = ["ElectraPair", "EnhancedMaskDecoder", "resolve_attention_impl"]
+__all__ = ["ElectraPair", "EnhancedMaskDecoder"]
 
 
 class EnhancedMaskDecoder(nnx.Module):
@@ -48,11 +48,9 @@ class EnhancedMaskDecoder(nnx.Module):
         config: DebertaV2Config,
         *,
         rngs: nnx.Rngs,
-        dtype: jnp.dtype = jnp.float32,
-        attention_impl: str = "gather",
+        compute: Compute = DEFAULT_COMPUTE,
     ):
-        self.dtype = dtype
-        self.layer = EncoderLayer(config, rngs=rngs, dtype=dtype, attention_impl=attention_impl)
+        self.layer = EncoderLayer(config, rngs=rngs, compute=compute)
         self.position_embeddings = embed(
             config.max_position_embeddings, config.hidden_size, (None, "embed"), config, rngs=rngs
         )
@@ -100,33 +98,24 @@ class ElectraPair(nnx.Module):
         config: Config,
         *,
         rngs: nnx.Rngs,
-        dtype: jnp.dtype = jnp.float32,
-        scan_layers: bool = False,
-        remat: str = "none",
-        attention_impl: str = "gather",
+        compute: Compute = DEFAULT_COMPUTE,
     ):
         self.sharing = config.generator.embedding_sharing
-        self.dtype = dtype
-        self.scan_layers = scan_layers
-        self.remat = remat
-        self.attention_impl = attention_impl
-        model_kw = dict(
-            dtype=dtype, scan_layers=scan_layers, remat=remat, attention_impl=attention_impl
-        )
+        self.compute = compute
         gen_config = generator_model_config(config)
         self.generator_config = gen_config
         emd = None
         if config.generator.enhanced_mask_decoder:
             _check_emd(gen_config)
             backbone = gen_config.replace(num_hidden_layers=gen_config.num_hidden_layers - 1)
-            self.generator = DebertaV2ForMaskedLM(backbone, rngs=rngs, **model_kw)
-            emd = EnhancedMaskDecoder(
-                gen_config, rngs=rngs, dtype=dtype, attention_impl=attention_impl
-            )
+            self.generator = DebertaV2ForMaskedLM(backbone, rngs=rngs, compute=compute)
+            emd = EnhancedMaskDecoder(gen_config, rngs=rngs, compute=compute)
         else:
-            self.generator = DebertaV2ForMaskedLM(gen_config, rngs=rngs, **model_kw)
+            self.generator = DebertaV2ForMaskedLM(gen_config, rngs=rngs, compute=compute)
         self.enhanced_mask_decoder = nnx.data(emd)
-        self.discriminator = DebertaV2ForReplacedTokenDetection(config.model, rngs=rngs, **model_kw)
+        self.discriminator = DebertaV2ForReplacedTokenDetection(
+            config.model, rngs=rngs, compute=compute
+        )
 
         g, d = self.generator.deberta.embeddings, self.discriminator.deberta.embeddings
         if self.sharing == "gdes":
@@ -205,10 +194,7 @@ class ElectraPair(nnx.Module):
                 lambda: DebertaV2ForMaskedLM(
                     self.generator_config,
                     rngs=nnx.Rngs(params=0),
-                    dtype=self.dtype,
-                    scan_layers=self.scan_layers,
-                    remat=self.remat,
-                    attention_impl=self.attention_impl,
+                    compute=self.compute,
                 )
             ),
             nnx.Param,
@@ -217,7 +203,7 @@ class ElectraPair(nnx.Module):
         weights = nnx.to_pure_dict(nnx.state(self.generator, nnx.Param))
         last = nnx.to_pure_dict(nnx.state(self.enhanced_mask_decoder.layer, nnx.Param))
         encoder = weights["deberta"]["encoder"]
-        if self.scan_layers:
+        if self.compute.scan_layers:
             encoder["layers"] = jax.tree.map(
                 lambda stack, x: jnp.concatenate([stack, x[None]]), encoder["layers"], last
             )
@@ -243,7 +229,7 @@ class ElectraPair(nnx.Module):
         if generator is not None:
             weights = nnx.to_pure_dict(nnx.state(generator, nnx.Param))
             if self.enhanced_mask_decoder is not None:
-                weights, last = _split_last_layer(weights, self.scan_layers)
+                weights, last = _split_last_layer(weights, self.compute.scan_layers)
                 _copy_weights(self.enhanced_mask_decoder.layer, last, "generator's last layer")
             _copy_weights(self.generator, weights, "generator")
         if discriminator is not None:

@@ -15,13 +15,16 @@ from flax import nnx
 from debertina_jax.config.model import DebertaV2Config
 from debertina_jax.model.activations import activation
 from debertina_jax.model.blocks import apply_dropout, apply_norm, dense, layer_norm, partitioned
+from debertina_jax.model.compute import DEFAULT_COMPUTE, Compute
 
 
 class MLMHead(nnx.Module):
     """Masked-LM head tied to a word table; `config.legacy` picks the HF layout it mirrors."""
 
-    def __init__(self, config: DebertaV2Config, *, rngs: nnx.Rngs, dtype: jnp.dtype = jnp.float32):
-        self.dtype = dtype
+    def __init__(
+        self, config: DebertaV2Config, *, rngs: nnx.Rngs, compute: Compute = DEFAULT_COMPUTE
+    ):
+        self.dtype = dtype = compute.dtype
         width = config.embedding_dim if config.legacy else config.hidden_size
         self.dense = dense(
             config.hidden_size, width, ("embed", None), config, rngs=rngs, dtype=dtype
@@ -49,7 +52,10 @@ class MLMHead(nnx.Module):
 class ContextPooler(nnx.Module):
     """HF ContextPooler: the first token's state through dropout, dense and `pooler_hidden_act`."""
 
-    def __init__(self, config: DebertaV2Config, *, rngs: nnx.Rngs, dtype: jnp.dtype = jnp.float32):
+    def __init__(
+        self, config: DebertaV2Config, *, rngs: nnx.Rngs, compute: Compute = DEFAULT_COMPUTE
+    ):
+        dtype = compute.dtype
         h = config.hidden_size
         self.dense = dense(h, h, ("embed", None), config, rngs=rngs, dtype=dtype)
         self.act = activation(config.pooler_hidden_act)
@@ -66,8 +72,10 @@ class RTDHead(nnx.Module):
     recipe; HF names: mask_predictions.{LayerNorm, dense, classifier}.
     """
 
-    def __init__(self, config: DebertaV2Config, *, rngs: nnx.Rngs, dtype: jnp.dtype = jnp.float32):
-        self.dtype = dtype
+    def __init__(
+        self, config: DebertaV2Config, *, rngs: nnx.Rngs, compute: Compute = DEFAULT_COMPUTE
+    ):
+        self.dtype = dtype = compute.dtype
         h = config.hidden_size
         self.layer_norm = layer_norm(h, config, rngs=rngs)
         self.dense = dense(h, h, ("embed", None), config, rngs=rngs, dtype=dtype)

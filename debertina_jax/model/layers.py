@@ -27,6 +27,7 @@ from debertina_jax.model.blocks import (
     partitioned,
     split_key,
 )
+from debertina_jax.model.compute import DEFAULT_COMPUTE, REMAT_CHOICES, Compute
 from debertina_jax.model.relative_position import build_relative_positions
 
 REMAT_POLICIES = {
@@ -35,14 +36,17 @@ REMAT_POLICIES = {
     # Keep matmul outputs, recompute the cheap elementwise work (GELU, LayerNorm, softmax).
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+assert set(REMAT_POLICIES) == set(REMAT_CHOICES)
 
 
 class Embeddings(nnx.Module):
     """word (+ absolute position) (+ token type) -> [embed_proj] -> LayerNorm -> *mask -> dropout"""
 
-    def __init__(self, config: DebertaV2Config, *, rngs: nnx.Rngs, dtype: jnp.dtype = jnp.float32):
+    def __init__(
+        self, config: DebertaV2Config, *, rngs: nnx.Rngs, compute: Compute = DEFAULT_COMPUTE
+    ):
         self.config = config
-        self.dtype = dtype
+        self.dtype = dtype = compute.dtype
         e = config.embedding_dim
         self.word_embeddings = embed(config.vocab_size, e, ("vocab", "embed"), config, rngs=rngs)
         if config.pad_token_id is not None and 0 <= config.pad_token_id < config.vocab_size:
@@ -122,13 +126,12 @@ class EncoderLayer(nnx.Module):
         config: DebertaV2Config,
         *,
         rngs: nnx.Rngs,
-        dtype: jnp.dtype = jnp.float32,
-        attention_impl: str = "gather",
+        compute: Compute = DEFAULT_COMPUTE,
     ):
-        self.dtype = dtype
+        self.dtype = dtype = compute.dtype
         hidden, inner = config.hidden_size, config.num_attention_heads * config.head_dim
         self.attention = DisentangledSelfAttention(
-            config, rngs=rngs, dtype=dtype, impl=attention_impl
+            config, rngs=rngs, compute=compute
         )
         self.attention_output = dense(
             inner, hidden, ("heads", "embed"), config, rngs=rngs, dtype=dtype
@@ -163,8 +166,10 @@ class EncoderLayer(nnx.Module):
 class ConvLayer(nnx.Module):
     """nGiE: LN(layer0_out + act(conv(embeddings))), padded positions zeroed (DeBERTa-v2)."""
 
-    def __init__(self, config: DebertaV2Config, *, rngs: nnx.Rngs, dtype: jnp.dtype = jnp.float32):
-        self.dtype = dtype
+    def __init__(
+        self, config: DebertaV2Config, *, rngs: nnx.Rngs, compute: Compute = DEFAULT_COMPUTE
+    ):
+        self.dtype = dtype = compute.dtype
         h, size = config.hidden_size, config.conv_kernel_size
         self.conv = nnx.Conv(
             h,
@@ -204,17 +209,12 @@ class Encoder(nnx.Module):
         config: DebertaV2Config,
         *,
         rngs: nnx.Rngs,
-        dtype: jnp.dtype = jnp.float32,
-        scan_layers: bool = False,
-        remat: str = "none",
-        attention_impl: str = "gather",
+        compute: Compute = DEFAULT_COMPUTE,
     ):
-        if remat not in REMAT_POLICIES:
-            raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {remat!r}")
         self.config = config
-        self.dtype = dtype
-        self.scan_layers = scan_layers
-        self.remat = remat
+        self.dtype = compute.dtype
+        self.scan_layers = compute.scan_layers
+        self.remat = compute.remat
         h = config.hidden_size
         init = normal_init(config, ("relpos", "embed"))
         self.rel_embeddings = (
@@ -226,10 +226,10 @@ class Encoder(nnx.Module):
             layer_norm(h, config, rngs=rngs) if config.layer_norm_rel_embeddings else None
         )
         self.conv = (
-            ConvLayer(config, rngs=rngs, dtype=dtype) if config.conv_kernel_size > 0 else None
+            ConvLayer(config, rngs=rngs, compute=compute) if config.conv_kernel_size > 0 else None
         )
-        make_layer = partial(EncoderLayer, config, dtype=dtype, attention_impl=attention_impl)
-        if scan_layers:
+        make_layer = partial(EncoderLayer, config, compute=compute)
+        if compute.scan_layers:
 
             @nnx.split_rngs(splits=config.num_hidden_layers)
             @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})

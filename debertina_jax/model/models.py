@@ -1,7 +1,7 @@
 """The top-level architectures, named like their HF counterparts.
 
-Every model takes (config, *, rngs, dtype=float32, scan_layers=False, remat="none",
-attention_impl="gather"); parameters are float32, `dtype` is the compute dtype. Calls take int
+Every model takes (config, *, rngs, compute=DEFAULT_COMPUTE): `compute` (compute.py) holds the
+compute dtype, scan_layers, remat and attention_impl; parameters are float32. Calls take int
 arrays [B, L] and run deterministically unless `deterministic=False`, when dropout draws from the
 call's `rngs` or else from the "dropout" stream of the constructor's rngs.
 `word_embeddings` / `position_embeddings` ([V, E] / [P, E]), when given, replace the model's own
@@ -15,6 +15,7 @@ from flax import nnx
 
 from debertina_jax.config.model import DebertaV2Config
 from debertina_jax.model.blocks import dense, dropout_key, dropout_stream, key_rngs, split_key
+from debertina_jax.model.compute import DEFAULT_COMPUTE, Compute
 from debertina_jax.model.heads import ContextPooler, MLMHead, RTDHead
 from debertina_jax.model.layers import Embeddings, Encoder
 
@@ -23,27 +24,12 @@ class DebertaV2Model(nnx.Module):
     """Embeddings + encoder; returns the last hidden state [B, L, H]."""
 
     def __init__(
-        self,
-        config: DebertaV2Config,
-        *,
-        rngs: nnx.Rngs,
-        dtype: jnp.dtype = jnp.float32,
-        scan_layers: bool = False,
-        remat: str = "none",
-        attention_impl: str = "gather",
+        self, config: DebertaV2Config, *, rngs: nnx.Rngs, compute: Compute = DEFAULT_COMPUTE
     ):
         self.config = config
-        self.dtype = dtype
-        self.scan_layers = scan_layers
-        self.embeddings = Embeddings(config, rngs=rngs, dtype=dtype)
-        self.encoder = Encoder(
-            config,
-            rngs=rngs,
-            dtype=dtype,
-            scan_layers=scan_layers,
-            remat=remat,
-            attention_impl=attention_impl,
-        )
+        self.compute = compute
+        self.embeddings = Embeddings(config, rngs=rngs, compute=compute)
+        self.encoder = Encoder(config, rngs=rngs, compute=compute)
         self.rngs = dropout_stream(rngs)
 
     def __call__(
@@ -71,34 +57,37 @@ class DebertaV2Model(nnx.Module):
         return self.encoder(x, attention_mask, encoder_key)
 
 
-class _WithBackbone(nnx.Module):
-    """Shared constructor/forward for the architectures that put a head on `self.deberta`."""
+class _WithHead(nnx.Module):
+    """`.deberta` (DebertaV2Model) plus a head: the constructor and the call every head model
+    shares. Subclasses build their head in `_make_head` and apply it in `_head`."""
 
     def __init__(
-        self, config: DebertaV2Config, *, rngs: nnx.Rngs, dtype, scan_layers, remat, attention_impl
+        self, config: DebertaV2Config, *, rngs: nnx.Rngs, compute: Compute = DEFAULT_COMPUTE
     ):
         self.config = config
-        self.dtype = dtype
-        self.deberta = DebertaV2Model(
-            config,
-            rngs=rngs,
-            dtype=dtype,
-            scan_layers=scan_layers,
-            remat=remat,
-            attention_impl=attention_impl,
-        )
+        self.compute = compute
+        self.deberta = DebertaV2Model(config, rngs=rngs, compute=compute)
+        self._make_head(config, rngs, compute)
 
-    def _backbone(
+    def _make_head(self, config: DebertaV2Config, rngs: nnx.Rngs, compute: Compute) -> None:
+        raise NotImplementedError
+
+    def _head(
+        self, hidden: jax.Array, rngs: nnx.Rngs | None, word_embeddings: jax.Array | None
+    ) -> jax.Array:
+        raise NotImplementedError
+
+    def __call__(
         self,
-        input_ids,
-        attention_mask,
-        token_type_ids,
-        word_embeddings,
-        position_embeddings,
-        deterministic,
-        rngs,
-    ):
-        """(hidden [B, L, H], rngs for the head's dropout or None)."""
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        token_type_ids: jax.Array | None = None,
+        *,
+        word_embeddings: jax.Array | None = None,
+        position_embeddings: jax.Array | None = None,
+        deterministic: bool = True,
+        rngs: nnx.Rngs | None = None,
+    ) -> jax.Array:
         body_key, head_key = split_key(dropout_key(deterministic, rngs, self.deberta.rngs), 2)
         hidden = self.deberta(
             input_ids,
@@ -109,10 +98,10 @@ class _WithBackbone(nnx.Module):
             deterministic=deterministic,
             rngs=key_rngs(body_key),
         )
-        return hidden, key_rngs(head_key)
+        return self._head(hidden, key_rngs(head_key), word_embeddings)
 
 
-class DebertaV2ForMaskedLM(_WithBackbone):
+class DebertaV2ForMaskedLM(_WithHead):
     """`.deberta` + `.lm_head` (MLMHead); returns logits [B, L, V].
 
     `legacy` (default: config.legacy) picks the HF layout: True = cls.predictions.*,
@@ -124,199 +113,71 @@ class DebertaV2ForMaskedLM(_WithBackbone):
         config: DebertaV2Config,
         *,
         rngs: nnx.Rngs,
-        dtype: jnp.dtype = jnp.float32,
-        scan_layers: bool = False,
-        remat: str = "none",
-        attention_impl: str = "gather",
+        compute: Compute = DEFAULT_COMPUTE,
         legacy: bool | None = None,
     ):
         if legacy is not None:
             config = config.replace(legacy=legacy)
-        super().__init__(
-            config,
-            rngs=rngs,
-            dtype=dtype,
-            scan_layers=scan_layers,
-            remat=remat,
-            attention_impl=attention_impl,
-        )
-        self.lm_head = MLMHead(config, rngs=rngs, dtype=dtype)
+        super().__init__(config, rngs=rngs, compute=compute)
 
-    def __call__(
-        self,
-        input_ids: jax.Array,
-        attention_mask: jax.Array | None = None,
-        token_type_ids: jax.Array | None = None,
-        *,
-        word_embeddings: jax.Array | None = None,
-        position_embeddings: jax.Array | None = None,
-        deterministic: bool = True,
-        rngs: nnx.Rngs | None = None,
-    ) -> jax.Array:
-        hidden, _ = self._backbone(
-            input_ids,
-            attention_mask,
-            token_type_ids,
-            word_embeddings,
-            position_embeddings,
-            deterministic,
-            rngs,
-        )
+    def _make_head(self, config: DebertaV2Config, rngs: nnx.Rngs, compute: Compute) -> None:
+        self.lm_head = MLMHead(config, rngs=rngs, compute=compute)
+
+    def _head(self, hidden, rngs, word_embeddings):
         if word_embeddings is None:
             word_embeddings = self.deberta.embeddings.word_embeddings.embedding[...]
         return self.lm_head(hidden, word_embeddings)
 
 
-class DebertaV2ForSequenceClassification(_WithBackbone):
+class DebertaV2ForSequenceClassification(_WithHead):
     """`.deberta` + `.pooler` (ContextPooler) + `.classifier`; returns logits [B, num_labels]."""
 
-    def __init__(
-        self,
-        config: DebertaV2Config,
-        *,
-        rngs: nnx.Rngs,
-        dtype: jnp.dtype = jnp.float32,
-        scan_layers: bool = False,
-        remat: str = "none",
-        attention_impl: str = "gather",
-    ):
-        super().__init__(
-            config,
-            rngs=rngs,
-            dtype=dtype,
-            scan_layers=scan_layers,
-            remat=remat,
-            attention_impl=attention_impl,
-        )
-        self.pooler = ContextPooler(config, rngs=rngs, dtype=dtype)
+    def _make_head(self, config: DebertaV2Config, rngs: nnx.Rngs, compute: Compute) -> None:
+        self.pooler = ContextPooler(config, rngs=rngs, compute=compute)
         self.dropout = nnx.Dropout(config.classifier_dropout)
-        self.classifier = dense(
-            config.hidden_size, config.num_labels, ("embed", None), config, rngs=rngs, dtype=dtype
-        )
+        self.classifier = _classifier(config, rngs, compute)
 
-    def __call__(
-        self,
-        input_ids: jax.Array,
-        attention_mask: jax.Array | None = None,
-        token_type_ids: jax.Array | None = None,
-        *,
-        word_embeddings: jax.Array | None = None,
-        position_embeddings: jax.Array | None = None,
-        deterministic: bool = True,
-        rngs: nnx.Rngs | None = None,
-    ) -> jax.Array:
-        hidden, head_rngs = self._backbone(
-            input_ids,
-            attention_mask,
-            token_type_ids,
-            word_embeddings,
-            position_embeddings,
-            deterministic,
-            rngs,
-        )
-        pooled = self.pooler(hidden, head_rngs)
-        pooled = self.dropout(pooled, deterministic=head_rngs is None, rngs=head_rngs)
+    def _head(self, hidden, rngs, word_embeddings):
+        pooled = self.pooler(hidden, rngs)
+        pooled = self.dropout(pooled, deterministic=rngs is None, rngs=rngs)
         return self.classifier(pooled).astype(jnp.float32)
 
 
-class DebertaV2ForTokenClassification(_WithBackbone):
+class DebertaV2ForTokenClassification(_WithHead):
     """`.deberta` + `.classifier` on every token; returns logits [B, L, num_labels]."""
 
-    def __init__(
-        self,
-        config: DebertaV2Config,
-        *,
-        rngs: nnx.Rngs,
-        dtype: jnp.dtype = jnp.float32,
-        scan_layers: bool = False,
-        remat: str = "none",
-        attention_impl: str = "gather",
-    ):
-        super().__init__(
-            config,
-            rngs=rngs,
-            dtype=dtype,
-            scan_layers=scan_layers,
-            remat=remat,
-            attention_impl=attention_impl,
-        )
+    def _make_head(self, config: DebertaV2Config, rngs: nnx.Rngs, compute: Compute) -> None:
         self.dropout = nnx.Dropout(config.hidden_dropout_prob)
-        self.classifier = dense(
-            config.hidden_size, config.num_labels, ("embed", None), config, rngs=rngs, dtype=dtype
-        )
+        self.classifier = _classifier(config, rngs, compute)
 
-    def __call__(
-        self,
-        input_ids: jax.Array,
-        attention_mask: jax.Array | None = None,
-        token_type_ids: jax.Array | None = None,
-        *,
-        word_embeddings: jax.Array | None = None,
-        position_embeddings: jax.Array | None = None,
-        deterministic: bool = True,
-        rngs: nnx.Rngs | None = None,
-    ) -> jax.Array:
-        hidden, head_rngs = self._backbone(
-            input_ids,
-            attention_mask,
-            token_type_ids,
-            word_embeddings,
-            position_embeddings,
-            deterministic,
-            rngs,
-        )
-        hidden = self.dropout(hidden, deterministic=head_rngs is None, rngs=head_rngs)
+    def _head(self, hidden, rngs, word_embeddings):
+        hidden = self.dropout(hidden, deterministic=rngs is None, rngs=rngs)
         return self.classifier(hidden).astype(jnp.float32)
 
 
-class DebertaV2ForReplacedTokenDetection(_WithBackbone):
+class DebertaV2ForReplacedTokenDetection(_WithHead):
     """The ELECTRA-style discriminator: `.deberta` + `.mask_predictions` (RTDHead) -> [B, L].
 
     HF has no such class; its checkpoints store the head as mask_predictions.*, which HF's own
     architectures ignore on load.
     """
 
-    def __init__(
-        self,
-        config: DebertaV2Config,
-        *,
-        rngs: nnx.Rngs,
-        dtype: jnp.dtype = jnp.float32,
-        scan_layers: bool = False,
-        remat: str = "none",
-        attention_impl: str = "gather",
-    ):
-        super().__init__(
-            config,
-            rngs=rngs,
-            dtype=dtype,
-            scan_layers=scan_layers,
-            remat=remat,
-            attention_impl=attention_impl,
-        )
-        self.mask_predictions = RTDHead(config, rngs=rngs, dtype=dtype)
+    def _make_head(self, config: DebertaV2Config, rngs: nnx.Rngs, compute: Compute) -> None:
+        self.mask_predictions = RTDHead(config, rngs=rngs, compute=compute)
 
-    def __call__(
-        self,
-        input_ids: jax.Array,
-        attention_mask: jax.Array | None = None,
-        token_type_ids: jax.Array | None = None,
-        *,
-        word_embeddings: jax.Array | None = None,
-        position_embeddings: jax.Array | None = None,
-        deterministic: bool = True,
-        rngs: nnx.Rngs | None = None,
-    ) -> jax.Array:
-        hidden, _ = self._backbone(
-            input_ids,
-            attention_mask,
-            token_type_ids,
-            word_embeddings,
-            position_embeddings,
-            deterministic,
-            rngs,
-        )
+    def _head(self, hidden, rngs, word_embeddings):
         return self.mask_predictions(hidden)
+
+
+def _classifier(config: DebertaV2Config, rngs: nnx.Rngs, compute: Compute) -> nnx.Linear:
+    return dense(
+        config.hidden_size,
+        config.num_labels,
+        ("embed", None),
+        config,
+        rngs=rngs,
+        dtype=compute.dtype,
+    )
 
 
 ARCHITECTURES: dict[str, type[nnx.Module]] = {

@@ -28,6 +28,7 @@ from debertina_jax.config.model import ConfigError
 from debertina_jax.hf.init import init_state_from_hf
 from debertina_jax.model.attention import resolve_attention_impl
 from debertina_jax.model.blocks import gather_positions
+from debertina_jax.model.compute import Compute
 from debertina_jax.model.electra import ElectraPair
 from debertina_jax.pretraining import losses
 from debertina_jax.pretraining.masking import default_max_predictions, mask_tokens
@@ -59,8 +60,14 @@ def step_rng(seed: int, step: int | jax.Array) -> jax.Array:
     return jax.random.fold_in(jax.random.key(seed), step)
 
 
-def compute_dtype(config: Config) -> jnp.dtype:
-    return jnp.bfloat16 if config.train.dtype == "bfloat16" else jnp.float32
+def compute_settings(config: Config) -> Compute:
+    """The model's compute settings from config.train ("auto" attention resolved here)."""
+    return Compute(
+        dtype=config.train.dtype,
+        scan_layers=config.train.scan_layers,
+        remat=config.train.remat,
+        attention_impl=resolve_attention_impl(config.train.attention_impl),
+    )
 
 
 def build_pair(config: Config, rng_seed: int) -> ElectraPair:
@@ -68,10 +75,7 @@ def build_pair(config: Config, rng_seed: int) -> ElectraPair:
     return ElectraPair(
         config,
         rngs=nnx.Rngs(params=rng_seed),  # no "dropout" stream: see the module docstring
-        dtype=compute_dtype(config),
-        scan_layers=config.train.scan_layers,
-        remat=config.train.remat,
-        attention_impl=resolve_attention_impl(config.train.attention_impl),
+        compute=compute_settings(config),
     )
 
 
