@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from debertina_jax.config import Config, ConfigError, generator_model_config, load_config
 
@@ -75,3 +76,32 @@ def test_bad_overrides_name_the_key(override, message):
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_model_vocab_size_is_derived_from_the_pieces():
+    # Stated once: data.vocab_size pieces, and the model gets one more row for [MASK].
+    for path in CONFIGS.glob("*.yaml"):
+        assert "vocab_size" not in yaml.safe_load(path.read_text())["model"], path
+    assert load_config(CONFIGS / "tiny.yaml", ["data.vocab_size=400"]).model.vocab_size == 401
+    # An explicit, larger table (e.g. microsoft/deberta-v3's 128100 rows) is kept.
+    wide = load_config(CONFIGS / "tiny.yaml", ["model.vocab_size=2100"])
+    assert wide.model.vocab_size == 2100
+
+
+@pytest.mark.parametrize(
+    "overrides, keys",
+    [
+        (["model.vocab_size=300", "data.vocab_size=400"], ("model.vocab_size", "data.vocab_size")),
+        (["train.batch_size=10", "optimizer.grad_accum_steps=4"],
+         ("train.batch_size", "optimizer.grad_accum_steps")),
+        (["generator.enhanced_mask_decoder=true", "model.position_biased_input=true"],
+         ("generator.enhanced_mask_decoder", "model.position_biased_input")),
+        (["generator.enhanced_mask_decoder=true", "generator.num_hidden_layers=1"],
+         ("generator.enhanced_mask_decoder", "generator.num_hidden_layers")),
+        (["checkpoint.keep=0"], ("checkpoint.keep",)),
+    ],
+)
+def test_contradictions_across_sections_name_both_keys(overrides, keys):
+    with pytest.raises(ConfigError) as error:
+        load_config(CONFIGS / "tiny.yaml", overrides)
+    assert all(key in str(error.value) for key in keys), str(error.value)

@@ -12,9 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import json
+import typing
 from pathlib import Path
 from typing import Any
+
+from debertina_jax.config.checks import ConfigError, coerce
 
 MODEL_TYPE = "deberta-v2"
 
@@ -52,10 +56,6 @@ ACTIVATIONS = (
     "linear",
 )
 _NORM_REL_EBD = ("none", "layer_norm")
-
-
-class ConfigError(ValueError):
-    """An invalid or unknown configuration value; the message names the key."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,10 +106,9 @@ class DebertaV2Config:
     def __post_init__(self) -> None:
         # Accept HF spellings ("p2c|c2p", lists) when constructed directly, store tuples.
         object.__setattr__(self, "pos_att_type", _parse_pos_att_type(self.pos_att_type))
-        for key in ("label_names", "architectures", "eos_token_id"):
-            value = getattr(self, key)
-            if isinstance(value, list):
-                object.__setattr__(self, key, tuple(value))
+        hints = _field_hints()
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, coerce(f.name, getattr(self, f.name), hints[f.name]))
         _validate(self)
 
     # ---- derived sizes -------------------------------------------------------------------
@@ -291,31 +290,13 @@ def _check(ok: bool, key: str, value: Any, why: str) -> None:
         raise ConfigError(f"{key}: {why}, got {value!r}")
 
 
+@functools.cache
+def _field_hints() -> dict[str, Any]:
+    return typing.get_type_hints(DebertaV2Config)
+
+
 def _validate(c: DebertaV2Config) -> None:
-    """Type and range checks; each error names the key."""
-    for f in dataclasses.fields(c):
-        v = getattr(c, f.name)
-        kind = str(f.type)
-        if v is None and "None" in kind:
-            continue
-        if kind.startswith("int"):
-            _check(
-                _is_int(v) or (f.name == "eos_token_id" and isinstance(v, tuple)),
-                f.name,
-                v,
-                "expected an int",
-            )
-        elif kind.startswith("float"):
-            _check(
-                isinstance(v, int | float) and not isinstance(v, bool),
-                f.name,
-                v,
-                "expected a number",
-            )
-        elif kind == "bool":
-            _check(isinstance(v, bool), f.name, v, "expected true/false")
-        elif kind.startswith("str"):
-            _check(isinstance(v, str), f.name, v, "expected a string")
+    """Range and consistency checks (types are `coerce`'s); each error names the key."""
     positive = (
         "vocab_size",
         "hidden_size",

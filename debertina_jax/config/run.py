@@ -1,15 +1,16 @@
-"""The one config tree: every hyperparameter of a pretraining run lives here.
+"""The one config tree: every hyperparameter of a pretraining run lives here, validated (types
+by `checks.coerce`, ranges per section, cross-section rules in `_check_across_sections`) and
+derived (model.vocab_size, the generator's depth) in this file.
 
 A run is described by a YAML file in `configs/` plus dotted `key=value` overrides from the
 command line. The `model` section is the discriminator's HF `config.json` (see
-`model_config.DebertaV2Config`); every other section is a small frozen dataclass below.
+`config/model.py`: DebertaV2Config); every other section is a small frozen dataclass below.
 Unknown keys and wrong types are rejected before anything starts, with the dotted key named.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,8 @@ from typing import Any
 
 import yaml
 
-from debertina_jax.config.model import ConfigError, DebertaV2Config
+from debertina_jax.config.checks import ConfigError, check_choice, coerce
+from debertina_jax.config.model import DebertaV2Config
 
 
 @dataclass(frozen=True)
@@ -30,7 +32,7 @@ class GeneratorConfig:
     temperature: float = 1.0  # sampling temperature for replacements
 
     def __post_init__(self) -> None:
-        _check_choice("generator.embedding_sharing", self.embedding_sharing, ("gdes", "es", "nes"))
+        check_choice("generator.embedding_sharing", self.embedding_sharing, ("gdes", "es", "nes"))
         if self.temperature <= 0:
             raise ConfigError(f"generator.temperature must be > 0, got {self.temperature}")
         if self.num_hidden_layers is not None and self.num_hidden_layers < 1:
@@ -56,7 +58,8 @@ class DataConfig:
     hf_config: str = "pt"
     hf_split: str = "train"
     max_documents: int | None = None  # cap for streaming sources
-    vocab_size: int = 128000  # sentencepiece pieces; [MASK] gets id = vocab_size
+    # SentencePiece pieces; [MASK] gets id = vocab_size, so model.vocab_size defaults to this + 1.
+    vocab_size: int = 128000
     tokenizer_dir: str | None = None  # None: WORKDIR/tokenizer, trained when missing
     prepared_dir: str | None = None  # None: WORKDIR/data, prepared when missing
     max_seq_length: int = 512
@@ -67,9 +70,9 @@ class DataConfig:
     max_predictions: int | None = None  # None: ceil(mask_prob * max_seq_length) rounded up to 8
 
     def __post_init__(self) -> None:
-        _check_choice("data.source", self.source, ("files", "tfds", "hf"))
-        _check_choice("data.mask_strategy", self.mask_strategy, ("mask", "bert"))
-        _check_choice("data.errors", self.errors, ("strict", "replace", "ignore"))
+        check_choice("data.source", self.source, ("files", "tfds", "hf"))
+        check_choice("data.mask_strategy", self.mask_strategy, ("mask", "bert"))
+        check_choice("data.errors", self.errors, ("strict", "replace", "ignore"))
         if self.max_seq_length < 8:
             raise ConfigError(f"data.max_seq_length must be >= 8, got {self.max_seq_length}")
         if not 0.0 < self.mask_prob < 1.0:
@@ -115,8 +118,8 @@ class TrainConfig:
     max_consecutive_nonfinite: int = 5  # skipped updates in a row before the run stops
 
     def __post_init__(self) -> None:
-        _check_choice("train.dtype", self.dtype, ("float32", "bfloat16"))
-        _check_choice("train.remat", self.remat, ("none", "full", "dots"))
+        check_choice("train.dtype", self.dtype, ("float32", "bfloat16"))
+        check_choice("train.remat", self.remat, ("none", "full", "dots"))
         for name in ("steps", "batch_size", "log_every_steps", "eval_every_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
@@ -147,6 +150,11 @@ class CheckpointConfig:
     keep: int = 3
     async_save: bool = True
 
+    def __post_init__(self) -> None:
+        for name in ("every_steps", "keep"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"checkpoint.{name} must be >= 1, got {getattr(self, name)}")
+
 
 @dataclass(frozen=True)
 class InitConfig:
@@ -167,6 +175,9 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     init: InitConfig = field(default_factory=InitConfig)
 
+    def __post_init__(self) -> None:
+        _check_across_sections(self)
+
     def to_dict(self) -> dict[str, Any]:
         """Plain-Python form (YAML/JSON-safe) that `config_from_dict` reads back."""
         out: dict[str, Any] = {"model": self.model.to_dict()}
@@ -176,75 +187,39 @@ class Config:
         return out
 
 
+def _check_across_sections(config: Config) -> None:
+    """Every check that involves more than one section, in one place; each names its keys."""
+    if config.model.vocab_size <= config.data.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size ({config.model.vocab_size}) must exceed data.vocab_size "
+            f"({config.data.vocab_size}): [MASK] has id data.vocab_size; leave model.vocab_size "
+            "out to get data.vocab_size + 1"
+        )
+    if config.train.batch_size % config.optimizer.grad_accum_steps:
+        raise ConfigError(
+            f"train.batch_size ({config.train.batch_size}) must be a multiple of "
+            f"optimizer.grad_accum_steps ({config.optimizer.grad_accum_steps})"
+        )
+    if config.generator.enhanced_mask_decoder:
+        if config.model.position_biased_input:
+            raise ConfigError(
+                "generator.enhanced_mask_decoder needs model.position_biased_input false: with "
+                "absolute positions in the input the official recipe has no EMD"
+            )
+        depth = generator_model_config(config).num_hidden_layers
+        if depth < 2:
+            raise ConfigError(
+                "generator.enhanced_mask_decoder needs generator.num_hidden_layers >= 2 (the EMD "
+                f"reuses the last layer), got {depth}"
+            )
+
+
 def _to_plain(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _to_plain(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_to_plain(v) for v in value]
     return value
-
-
-def _check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {value!r}")
-
-
-def _coerce(key: str, value: Any, hint: Any) -> Any:
-    """Checks `value` against a type hint, converting only where it is lossless."""
-    origin = typing.get_origin(hint)
-    if origin in (types.UnionType, typing.Union):
-        args = typing.get_args(hint)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(key, value, arg)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(f"{key}: expected {_hint_name(hint)}, got {value!r}")
-    if origin is tuple:
-        args = typing.get_args(hint)
-        if isinstance(value, str) and args and args[0] is str:
-            value = [value]  # a single glob where a list of files is expected
-        if not isinstance(value, list | tuple):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value))
-        if len(args) != len(value):
-            raise ConfigError(f"{key}: expected {len(args)} items, got {value!r}")
-        pairs = enumerate(zip(value, args, strict=True))
-        return tuple(_coerce(f"{key}[{i}]", v, a) for i, (v, a) in pairs)
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return value
-    if value is None and hint is type(None):
-        return None
-    raise ConfigError(f"{key}: unsupported value {value!r} for {_hint_name(hint)}")
-
-
-def _hint_name(hint: Any) -> str:
-    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
 def _build_section(name: str, cls: type, values: Any) -> Any:
@@ -259,7 +234,7 @@ def _build_section(name: str, cls: type, values: Any) -> Any:
         raise ConfigError(
             f"unknown key {name}.{unknown[0]} (known keys in '{name}': {', '.join(sorted(known))})"
         )
-    kwargs = {k: _coerce(f"{name}.{k}", v, hints[k]) for k, v in values.items()}
+    kwargs = {k: coerce(f"{name}.{k}", v, hints[k]) for k, v in values.items()}
     return cls(**kwargs)
 
 
@@ -273,16 +248,19 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
         raise ConfigError(f"unknown config section '{unknown[0]}' (known: {', '.join(sections)})")
     kwargs: dict[str, Any] = {}
     for name, value in raw.items():
-        if name == "model":
-            if not isinstance(value, dict):
-                raise ConfigError(f"model: expected a mapping of keys, got {value!r}")
-            try:
-                kwargs[name] = DebertaV2Config.from_dict(value)
-            except ConfigError as e:
-                raise ConfigError(f"model: {e}") from None
-        else:
+        if name != "model":
             cls = typing.get_type_hints(Config)[name]
             kwargs[name] = _build_section(name, cls, value)
+    model = {} if raw.get("model") is None else raw["model"]
+    if not isinstance(model, dict):
+        raise ConfigError(f"model: expected a mapping of keys, got {model!r}")
+    # The vocabulary is stated once, as data.vocab_size pieces; the model adds the [MASK] row.
+    data = kwargs.get("data", DataConfig())
+    model = {"vocab_size": data.vocab_size + 1, **model}
+    try:
+        kwargs["model"] = DebertaV2Config.from_dict(model)
+    except ConfigError as e:
+        raise ConfigError(f"model: {e}") from None
     return Config(**kwargs)
 
 
