@@ -6,7 +6,12 @@ normaliser HF's DebertaV2Tokenizer uses (debertina_jax.data.text) before trainin
 tokenizer.json is the tokenizer HF rebuilds, so `Tokenizer.load(dir).encode_batch` and
 `AutoTokenizer.from_pretrained(dir)` give the same ids. See docs/tokenizer.md for the choices.
 
-    python -m debertina_jax.data.tokenizer --input FILE [FILE ...] --vocab-size N --output DIR
+Every character of REQUIRED_CHARS (printable ASCII, Latin-1, the typographic marks of
+Windows-1252) gets a piece however rare it is in the corpus: HF's Unigram model has no byte
+fallback, so a character without a piece is [UNK]. A slice of the documents is held out of
+training to measure the [UNK] rate on text the tokenizer has not seen (`TrainingReport`).
+
+    python -m debertina_jax.cli.tokenizer --input FILE [FILE ...] --vocab-size N --output DIR
 """
 
 from __future__ import annotations
@@ -15,11 +20,15 @@ import hashlib
 import io
 import itertools
 import json
+import math
 import os
 import random
 import re
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import sentencepiece as spm
@@ -39,13 +48,33 @@ MODEL_MAX_LENGTH = 512
 # sentence sample: about max_sentences * 1 KB.
 _SENTENCE_CHARS = 1024
 _SENTENCE_BYTES = 4 * _SENTENCE_CHARS
+# Held-out text is kept in memory until training ends; beyond this it goes to training instead.
+_HELDOUT_MAX_CHARS = 2_000_000
+
+
+def _required_chars() -> str:
+    """The characters that always get a piece of their own (see the module docstring)."""
+    ascii_printable = "".join(chr(c) for c in range(0x21, 0x7F))  # the space is spm's "▁"
+    # All of Latin-1: the letters of Portuguese, French, Spanish... in both cases, ª º °,
+    # « », ¿ ¡, § © ® ± ² ½ × ÷, and the no-break space and soft hyphen of web text.
+    latin1 = "".join(chr(c) for c in range(0xA0, 0x100))
+    # Windows-1252's extras: € ‚ ƒ „ … † ‡ ˆ ‰ Š ‹ Œ Ž ‘ ’ “ ” • – — ˜ ™ š › œ ž Ÿ (Ÿ is ÿ's
+    # capital); word processors put them into ordinary text.
+    cp1252 = bytes(range(0x80, 0xA0)).decode("cp1252", errors="ignore")
+    # The other dashes and quotes, primes (23°32′) and the minus sign.
+    more = "\u2010\u2011\u2012\u2015\u201b\u201f\u2032\u2033\u2212"
+    return ascii_printable + latin1 + cp1252 + more
+
+
+REQUIRED_CHARS = _required_chars()
 
 
 class VocabSizeError(ValueError):
     """The corpus cannot support the requested vocabulary size."""
 
 
-def _documents(inputs, encoding: str, errors: str, seed: int) -> Iterator[str]:
+def _documents(inputs, encoding: str, errors: str, seed: int) -> tuple[Iterator[str], str]:
+    """The documents to read, and a description of where they come from (for errors)."""
     if isinstance(inputs, str | os.PathLike):
         raise TypeError(
             "inputs must be a sequence of paths or an iterable of texts, not a single "
@@ -55,23 +84,55 @@ def _documents(inputs, encoding: str, errors: str, seed: int) -> Iterator[str]:
         items = iter(inputs)
         first = next(items, None)
         if not isinstance(first, os.PathLike):
-            return itertools.chain([first] if first is not None else [], items)
+            texts = itertools.chain([first] if first is not None else [], items)
+            return texts, "the given texts"
         inputs = LocalFiles([first, *items], encoding=encoding, errors=errors)
     # Units in a seeded random order: when the sentence budget stops reading early (a corpus
     # of hundreds of GB), the text read still comes from all over the corpus.
     units = inputs.units()
     random.Random(seed).shuffle(units)
-    return (document for unit in units for document in unit.documents())
+    return (document for unit in units for document in unit.documents()), inputs.describe()
 
 
-def _training_sentences(documents: Iterable[str], budget: int, stats: dict) -> Iterator[str]:
+class _HeldOut:
+    """Keeps evenly spaced documents out of training: document i when i * fraction crosses
+    n + 1/2 (with fraction 0.01: documents 50, 150, 250...), until _HELDOUT_MAX_CHARS."""
+
+    def __init__(self, fraction: float):
+        if not 0.0 <= fraction < 1.0:
+            raise ValueError(f"the held-out fraction must be in [0, 1), got {fraction}")
+        self.fraction = fraction
+        self.texts: list[str] = []
+        self.chars = 0
+
+    def take(self, index: int, document: str) -> bool:
+        slot = math.floor(index * self.fraction + 0.5)
+        previous = math.floor((index - 1) * self.fraction + 0.5)
+        if slot == previous or self.chars >= _HELDOUT_MAX_CHARS:
+            return False
+        self.texts.append(document)
+        self.chars += len(document)
+        return True
+
+
+def _training_sentences(
+    documents: Iterable[str], budget: int, stats: dict, heldout: _HeldOut
+) -> Iterator[str]:
     for document in documents:
         if not isinstance(document, str):
             raise TypeError(
                 f"texts must be str, got {type(document).__name__} (pass file paths as "
                 "pathlib.Path objects)"
             )
+        if not document.strip():
+            continue
         stats["documents"] += 1
+        # Held-out text counts against the budget too: the budget bounds the text in memory.
+        if heldout.take(stats["documents"] - 1, document):
+            stats["sentences"] += math.ceil(len(document) / _SENTENCE_CHARS)
+            if stats["sentences"] >= budget:
+                return
+            continue
         normalized = text_lib.normalize(document)
         for sentence in text_lib.split_long_text(normalized, _SENTENCE_CHARS, exact=False):
             sentence = sentence.strip()
@@ -130,15 +191,100 @@ def _train_spm(sentences: Iterator[str], vocab_size: int, options: dict) -> byte
         small = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", str(e))
         if small:
             raise VocabSizeError(
-                f"vocab size {small[1]} is too small: the corpus's characters and the 4 special "
-                f"pieces need {small[2]}. Use --vocab-size >= {small[2]} or a lower "
-                "character coverage"
+                f"vocab size {small[1]} is too small: the 4 special pieces and a piece for each "
+                f"character (the corpus's, and the {len(options.get('required_chars', ''))} "
+                f"that always get one) need {small[2]}. Use --vocab-size >= {small[2]}"
             ) from None
         raise
     return model.getvalue()
 
 
+@dataclass(frozen=True)
+class UnknownRate:
+    """How often a tokenizer says [UNK] on some text, and for which characters."""
+
+    tokens: int
+    unknown: int
+    # The characters inside [UNK] tokens, most frequent first (whitespace left out).
+    characters: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def rate(self) -> float:
+        return self.unknown / self.tokens if self.tokens else 0.0
+
+    def describe(self, shown: int = 10) -> str:
+        text = f"{100 * self.rate:.3f}% ({self.unknown:,} of {self.tokens:,} tokens)"
+        if self.characters:
+            chars = ", ".join(f"{c!r} x{n}" for c, n in self.characters[:shown])
+            hidden = len(self.characters) - shown
+            more = f" and {hidden} more" if hidden > 0 else ""
+            text += f"; characters without a piece: {chars}{more}"
+        return text
+
+
+def measure_unknown(tokenizer: Tokenizer, texts: Iterable[str]) -> UnknownRate:
+    """The share of [UNK] among the ids of `texts`, and the characters that became [UNK]."""
+    tokens = unknown = 0
+    characters: Counter[str] = Counter()
+    batch: list[str] = []
+
+    def count(batch: list[str]) -> None:
+        nonlocal tokens, unknown
+        # Offsets (in characters of the raw text) say what each [UNK] stands for.
+        for text, encoding in zip(
+            batch, tokenizer.backend.encode_batch(batch, add_special_tokens=False), strict=True
+        ):
+            tokens += len(encoding.ids)
+            for token_id, (start, end) in zip(encoding.ids, encoding.offsets, strict=True):
+                if token_id == tokenizer.unk_id:
+                    unknown += 1
+                    characters.update(c for c in text[start:end] if not c.isspace())
+
+    for text in texts:
+        batch.append(text)
+        if len(batch) == 1024:
+            count(batch)
+            batch = []
+    if batch:
+        count(batch)
+    return UnknownRate(tokens, unknown, tuple(characters.most_common()))
+
+
+@dataclass(frozen=True)
+class TrainingReport:
+    output_dir: Path
+    documents: int  # non-blank documents read, held-out ones included
+    heldout_fraction: float
+    heldout_documents: int
+    heldout: UnknownRate | None  # None when no document was held out
+
+    def describe(self) -> str:
+        """One line on the held-out [UNK] rate, for the CLI and the logs."""
+        if self.heldout is None:
+            if not self.heldout_fraction:
+                return "[UNK] rate not measured: no held-out fraction"
+            first = math.ceil(0.5 / self.heldout_fraction)
+            return (
+                f"[UNK] rate not measured: a held-out fraction of {self.heldout_fraction:g} "
+                f"starts at document {first}, and the corpus has {self.documents}"
+            )
+        return (
+            f"[UNK] on {self.heldout_documents} held-out documents "
+            f"({self.heldout_fraction:g} of the corpus): {self.heldout.describe()}"
+        )
+
+
 def train_tokenizer(
+    inputs: Iterable[str] | Sequence[os.PathLike] | DocumentSource,
+    vocab_size: int,
+    output_dir: str | os.PathLike,
+    **options: Any,
+) -> Path:
+    """`train_tokenizer_with_report` without the report: returns the output directory."""
+    return train_tokenizer_with_report(inputs, vocab_size, output_dir, **options).output_dir
+
+
+def train_tokenizer_with_report(
     inputs: Iterable[str] | Sequence[os.PathLike] | DocumentSource,
     vocab_size: int,
     output_dir: str | os.PathLike,
@@ -146,35 +292,51 @@ def train_tokenizer(
     encoding: str = "utf-8",
     errors: str = "strict",
     character_coverage: float = 0.9995,
+    required_chars: str = REQUIRED_CHARS,
+    heldout_fraction: float = 0.01,
     max_sentences: int = 5_000_000,
     num_threads: int | None = None,
     seed: int = 0,
     verbose: bool = False,
-) -> Path:
+) -> TrainingReport:
     """Trains a unigram SentencePiece model of `vocab_size` pieces and exports it to `output_dir`.
 
     `inputs` is a list of `pathlib.Path` files (or folders, see data.sources.local), a
     DocumentSource, or an iterable of texts (one document each; plain `str` items are text,
     never file names). [MASK] gets id `vocab_size`. Training reads at most `max_sentences`
     pieces of text (of at most 1024 characters), from the source's work units in a seeded
-    random order. Returns the output directory.
+    random order. Every character of `required_chars` gets a piece; the others need
+    `character_coverage`. `heldout_fraction` of the documents are left out of training and
+    tokenized afterwards to measure the [UNK] rate (0: none).
     """
     if vocab_size < 8:
         raise VocabSizeError(f"vocab size must be at least 8, got {vocab_size}")
     stats = {"documents": 0, "sentences": 0}
-    documents = _documents(inputs, encoding, errors, seed)
-    sentences = _training_sentences(documents, max_sentences, stats)
+    heldout = _HeldOut(heldout_fraction)
+    documents, described = _documents(inputs, encoding, errors, seed)
+    sentences = _training_sentences(documents, max_sentences, stats, heldout)
     first = next(sentences, None)
     if first is None:
-        raise EmptyCorpusError(f"no text to train a tokenizer on ({stats['documents']} documents)")
+        raise EmptyCorpusError(
+            f"no text to train a tokenizer on in {described}: "
+            f"{stats['documents']} non-blank documents"
+        )
     options = dict(
         character_coverage=character_coverage,
         num_threads=num_threads or os.cpu_count() or 1,
         minloglevel=0 if verbose else 2,
     )
+    if required_chars:
+        options["required_chars"] = required_chars
     spm.set_random_generator_seed(seed)
     model = _train_spm(itertools.chain([first], sentences), vocab_size, options)
-    return export_tokenizer(model, output_dir)
+    output_dir = export_tokenizer(model, output_dir)
+    rate = None
+    if heldout.texts:
+        rate = measure_unknown(Tokenizer.load(output_dir), heldout.texts)
+    return TrainingReport(
+        output_dir, stats["documents"], heldout_fraction, len(heldout.texts), rate
+    )
 
 
 def _pieces(model: bytes) -> list[tuple[str, float]]:
@@ -282,7 +444,7 @@ class Tokenizer:
         path = Path(directory) / "tokenizer.json"
         if not path.is_file():
             raise FileNotFoundError(
-                f"{path} not found: train a tokenizer with python -m debertina_jax.data.tokenizer"
+                f"{path} not found: train a tokenizer with python -m debertina_jax.cli.tokenizer"
             )
         return cls(RustTokenizer.from_file(str(path)), Path(directory))
 

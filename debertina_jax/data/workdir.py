@@ -18,7 +18,7 @@ from debertina_jax.config import Config, DataConfig
 from debertina_jax.data import format as fmt
 from debertina_jax.data.prepare import prepare
 from debertina_jax.data.sources import DocumentSource
-from debertina_jax.data.tokenizer import Tokenizer, train_tokenizer
+from debertina_jax.data.tokenizer import Tokenizer, VocabSizeError, train_tokenizer_with_report
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +74,15 @@ def ensure_data(
         if not prepare_missing:
             raise FileNotFoundError(f"no tokenizer in {tokenizer_dir}")
         logger.info("training a %d-piece tokenizer into %s", data.vocab_size, tokenizer_dir)
-        train_tokenizer(source_from_config(data), data.vocab_size, tokenizer_dir, seed=0)
+        try:
+            report = train_tokenizer_with_report(
+                source_from_config(data), data.vocab_size, tokenizer_dir, seed=0
+            )
+        except VocabSizeError as e:  # the tokenizer CLI's flag is this run's config key
+            raise VocabSizeError(
+                f"data.vocab_size={data.vocab_size}: {e}".replace("--vocab-size", "data.vocab_size")
+            ) from None
+        logger.info("tokenizer: %s", report.describe())
     tokenizer = Tokenizer.load(tokenizer_dir)
     if tokenizer.vocab_size > config.model.vocab_size:
         raise ValueError(
