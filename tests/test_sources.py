@@ -90,6 +90,14 @@ def test_jsonl_errors_name_file_and_offset(tmp_path):
     path.write_text('{"text": "ok"}\n{"text": "aberto\n')
     with pytest.raises(SourceError, match=r"bad\.jsonl: invalid JSON at byte offset 15"):
         _documents(LocalFiles([path]))
+    # The position inside the line is a byte offset in the file too, not "line 1 column 23".
+    path.write_text('{"text": "ação"}\n{"text": "é", "id" 7}\n', encoding="utf-8")
+    with pytest.raises(SourceError) as error:
+        _documents(LocalFiles([path]))
+    message = str(error.value)
+    assert "invalid JSON at byte offset 19 (the line starting there)" in message
+    assert message.endswith("Expecting ':' delimiter at byte offset 39")  # 19 + 20 bytes
+    assert "line 1" not in message and "column" not in message
 
 
 def test_parquet_row_groups(tmp_path):

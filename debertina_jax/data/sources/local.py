@@ -195,6 +195,17 @@ class TextChunk(WorkUnit):
                 yield "\n".join(lines)
 
 
+def _byte_position(raw: bytes, chars: int, encoding: str, errors: str) -> int:
+    """The offset in `raw` of the `chars`-th decoded character (exact for any error handler)."""
+    decoder = codecs.getincrementaldecoder(encoding)(errors)
+    decoded = 0
+    for i in range(len(raw)):
+        if decoded >= chars:
+            return i
+        decoded += len(decoder.decode(raw[i : i + 1]))
+    return len(raw)
+
+
 def _json_text(raw: bytes, where: str, offset: int, encoding: str, errors: str, key: str):
     text = _decode(raw, where, offset, encoding, errors)
     if not text.strip():
@@ -202,7 +213,12 @@ def _json_text(raw: bytes, where: str, offset: int, encoding: str, errors: str, 
     try:
         record = json.loads(text)
     except json.JSONDecodeError as e:
-        raise SourceError(f"{where}: invalid JSON at byte offset {offset}: {e}") from None
+        # Not str(e): its "line 1 column 23" counts inside this one line, not in the file.
+        at = offset + _byte_position(raw, e.pos, encoding, errors)
+        raise SourceError(
+            f"{where}: invalid JSON at byte offset {offset} (the line starting there): "
+            f"{e.msg} at byte offset {at}"
+        ) from None
     if not isinstance(record, dict) or key not in record:
         raise SourceError(f"{where}: the line at byte offset {offset} has no {key!r} field")
     value = record[key]
