@@ -217,7 +217,7 @@ def _json_text(raw: bytes, where: str, offset: int, encoding: str, errors: str, 
         at = offset + _byte_position(raw, e.pos, encoding, errors)
         raise SourceError(
             f"{where}: invalid JSON at byte offset {offset} (the line starting there): "
-            f"{e.msg} at byte offset {at}"
+            f"{e.msg.removesuffix(' at')} at byte offset {at}"
         ) from None
     if not isinstance(record, dict) or key not in record:
         raise SourceError(f"{where}: the line at byte offset {offset} has no {key!r} field")
