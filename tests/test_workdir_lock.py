@@ -55,6 +55,7 @@ def test_a_second_run_is_refused_until_the_first_releases(tmp_path):
     with pytest.raises(WorkdirLockedError) as refused:
         WorkdirLock(LocalLockStore(tmp_path)).acquire()
     message = str(refused.value)
+    assert message.startswith(f"workdir {tmp_path} is in use by another run: pid {os.getpid()} ")
     assert f"pid {os.getpid()} on host {record['host']}" in message
     assert str(tmp_path / LOCK_FILE) in message and "taken over automatically" in message
     first.release()

@@ -56,7 +56,8 @@ class WorkdirLockedError(RuntimeError):
 class LockStore(abc.ABC):
     """Where the lock record lives; every method is atomic (see the module docstring)."""
 
-    description: str  # for messages: the file or object name
+    workdir: str  # for messages: the directory (or bucket prefix) the lock guards
+    description: str  # for messages: the lock's file or object name
 
     @abc.abstractmethod
     def create(self, data: bytes) -> bool:
@@ -87,6 +88,7 @@ class LocalLockStore(LockStore):
     def __init__(self, directory: str | os.PathLike):
         self.directory = Path(directory)
         self.path = self.directory / LOCK_FILE
+        self.workdir = str(self.directory)
         self.description = str(self.path)
 
     def _write_temp(self, data: bytes) -> Path:
@@ -276,10 +278,11 @@ class WorkdirLock:
             reason = stale_reason(holder, now, self.stale_after)
             if reason is None:
                 raise WorkdirLockedError(
-                    f"the workdir is in use by another run: {holder.describe(now)}. Wait for "
-                    f"it to finish or stop it; a lock whose process is gone, or whose "
-                    f"heartbeat is older than {self.stale_after:.0f} s, is taken over "
-                    f"automatically. Lock: {self.store.description}"
+                    f"workdir {self.store.workdir} is in use by another run: "
+                    f"{holder.describe(now)}. Wait for it to finish or stop it; a lock whose "
+                    "process is gone, or whose heartbeat is older than "
+                    f"{self.stale_after:.0f} s, is taken over automatically "
+                    f"(lock: {self.store.description})"
                 )
             if self.store.replace(data, current[1]):
                 logger.warning("took over the stale lock %s: %s", self.store.description, reason)
