@@ -56,10 +56,19 @@ def main(argv: list[str] | None = None) -> int:
 
     # Imported after the config is checked: a typo should not wait for JAX to load.
     from debertina_jax.pretraining.loop import TrainingStopped, pretrain
+    from debertina_jax.runtime.checkpointing import CheckpointSaveError
+    from debertina_jax.runtime.workdir_lock import WorkdirLockedError
 
     try:
         result = pretrain(config, workdir, stage=args.stage)
-    except (ConfigError, TrainingStopped, FileNotFoundError, ValueError) as e:
+    except (
+        ConfigError,
+        TrainingStopped,
+        CheckpointSaveError,
+        WorkdirLockedError,
+        FileNotFoundError,
+        ValueError,  # bad corpus (SourceError), data or checkpoint that does not fit
+    ) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(result.summary())

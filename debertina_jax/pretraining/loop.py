@@ -4,6 +4,11 @@ The order of things, file by file: `data/workdir.py` makes the tokenizer and sha
 `data/loader.py` reads them, `train_step.py` masks, runs the generator and the
 discriminator and updates both (inside one jitted function), `checkpointing.py` saves
 everything needed to resume exactly, `metrics_log.py` records progress.
+
+What a run checks before it writes anything (docs/reliability.md): the batch fits the mesh,
+no other run holds the workdir (runtime/workdir_lock.py), the prepared data fits the config,
+the checkpoint to resume from restores into this config's state. Only then is
+WORKDIR/config.yaml (re)written, so a refused command leaves the workdir as it was.
 """
 
 from __future__ import annotations
@@ -11,9 +16,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
 import numpy as np
@@ -30,13 +36,16 @@ from debertina_jax.pretraining.step import (
     step_rng,
 )
 from debertina_jax.runtime import distributed
-from debertina_jax.runtime.checkpointing import Checkpointer
+from debertina_jax.runtime.batch_layout import check_batch_layout
+from debertina_jax.runtime.checkpointing import Checkpointer, short_reason
 from debertina_jax.runtime.metrics_log import MetricsLogger
 from debertina_jax.runtime.sharding import batch_sharding, make_mesh
+from debertina_jax.runtime.workdir_lock import WorkdirLock, lock_store_for
 
 logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.yaml"
+T = TypeVar("T")
 
 
 class TrainingStopped(RuntimeError):
@@ -71,16 +80,62 @@ def _write_config(config: Config, workdir: Path) -> None:
     tmp.replace(path)
 
 
+def _main_first(action: Callable[[], T], what: str) -> T | None:
+    """Runs `action` on process 0 only; every process learns whether it worked, so that a
+    failure there stops them all instead of leaving the others waiting in a collective."""
+    if jax.process_count() == 1:
+        return action()
+    from jax.experimental import multihost_utils
+
+    result, failure = None, None
+    if jax.process_index() == 0:
+        try:
+            result = action()
+        except Exception as e:
+            failure = e
+    worked = multihost_utils.broadcast_one_to_all(np.int32(failure is None))
+    if failure is not None:
+        raise failure
+    if not int(worked):
+        raise TrainingStopped(f"process 0 could not {what}; its error says why")
+    return result
+
+
+def _lock(workdir: Path) -> WorkdirLock | None:
+    """Process 0 takes the workdir's lock (creating the workdir); None on the others."""
+
+    def take() -> WorkdirLock:
+        workdir.mkdir(parents=True, exist_ok=True)
+        lock = WorkdirLock(lock_store_for(workdir))
+        lock.acquire()
+        return lock
+
+    return _main_first(take, f"lock {workdir}")
+
+
 def _prepare(config: Config, workdir: Path) -> PreparedData:
     """Process 0 builds the tokenizer and shards; the others wait and then read them."""
     if jax.process_count() == 1:
         return ensure_data(config, workdir)
-    from jax.experimental import multihost_utils
-
-    if jax.process_index() == 0:
-        ensure_data(config, workdir)
-    multihost_utils.sync_global_devices("debertina_jax: data prepared")
+    _main_first(lambda: ensure_data(config, workdir), "prepare the data")
     return ensure_data(config, workdir, prepare_missing=False)
+
+
+def _close_all(closers: list[tuple[str, Callable[[], None]]], failure: BaseException | None):
+    """Closes everything, in order. With the run already failing, a closing error (a full
+    disk again, in the logger) is one warning line: it must not replace the real error."""
+    first: BaseException | None = None
+    for name, close in closers:
+        try:
+            close()
+        except Exception as e:
+            if failure is None and first is None:
+                first = e
+            else:
+                logger.warning("while stopping, closing the %s failed too: %s", name,
+                               short_reason(e))  # fmt: skip
+    if first is not None:
+        raise first
 
 
 def _global_batch(local: dict[str, np.ndarray], sharding: jax.sharding.Sharding) -> dict:
@@ -119,60 +174,104 @@ def pretrain(config: Config, workdir: str | Path, *, stage: str = "all") -> RunR
     """Runs (or resumes) the pretraining described by `config` in `workdir`."""
     workdir = Path(workdir)
     distributed.maybe_initialize(config.mesh.distributed)
-    workdir.mkdir(parents=True, exist_ok=True)
-    main = distributed.is_main_process()
-    if main:
-        _write_config(config, workdir)
-    prepared = _prepare(config, workdir)
-    result = RunResult(workdir, stage)
-    if stage != "all":
-        return result
-
-    train = config.train
     mesh = make_mesh(config.mesh)
+    check_batch_layout(config.train.batch_size, config.optimizer.grad_accum_steps, mesh)
+    created = not workdir.exists()
+    lock = _lock(workdir)
+    try:
+        prepared = _prepare(config, workdir)
+        result = RunResult(workdir, stage)
+        if stage != "all":
+            if distributed.is_main_process():
+                _write_config(config, workdir)
+            return result
+        return _train(config, workdir, mesh, prepared, result, lock)
+    finally:
+        if lock is not None:
+            lock.release()
+            # A refused fresh run (e.g. a bad corpus) leaves no empty workdir behind.
+            if created and workdir.is_dir() and not any(workdir.iterdir()):
+                workdir.rmdir()
+
+
+def _train(
+    config: Config,
+    workdir: Path,
+    mesh: jax.sharding.Mesh,
+    prepared: PreparedData,
+    result: RunResult,
+    lock: WorkdirLock | None,
+) -> RunResult:
+    train = config.train
     checkpointer = Checkpointer(workdir, **dataclasses.asdict(config.checkpoint))
-    start = checkpointer.latest_step() or 0
-    # A resumed run takes its weights from the checkpoint: the HF directories of `init` are
-    # only read for a fresh start (and may be gone by now).
-    init_config = dataclasses.replace(config, init=InitConfig()) if start else config
-    graphdef, state = create_train_state(init_config, mesh, train.seed)
-    state_shardings = shardings_of(state)
-    loader = make_loader(
-        prepared.data_dir,
-        "train",
-        train.batch_size,
-        seed=train.seed,
-        max_seq_length=config.data.max_seq_length,
-    )
-    if start:
-        abstract = jax.tree.map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_shardings
-        )
-        restored = checkpointer.restore(start, abstract)
-        state = restored.state
-        loader.set_state(restored.data_state)
-        logger.info("resumed from the checkpoint of step %d", start)
-    result.step = start
+    # Closed in this order: the checkpointer first, so that a failing last save is the error.
+    closers: list[tuple[str, Callable[[], None]]] = [("checkpointer", checkpointer.close)]
 
-    train_step = make_train_step(config, mesh, graphdef, state_shardings)
-    eval_step = make_eval_step(config, mesh, graphdef, state_shardings)
-    sharding = batch_sharding(mesh)
-    tokens_per_step = train.batch_size * config.data.max_seq_length
-    metrics_logger = MetricsLogger(workdir, total_steps=train.steps, start_step=start)
-    watcher = distributed.PreemptionWatcher(sync_every=train.log_every_steps)
-    bad_in_a_row = 0
-    pending: dict[str, Any] | None = None
-    window_start, window_steps = time.perf_counter(), 0
-
-    def meta(step: int) -> dict[str, Any]:
-        return {"config": config.to_dict(), "tokens_seen": step * tokens_per_step}
+    def last_good() -> str:
+        step = checkpointer.last_good_step()
+        if step is None:
+            return "there is no checkpoint yet"
+        path = checkpointer.directory / str(step)
+        return f"the last good checkpoint (step {step}, {path}) is intact"
 
     try:
+        resume = bool(checkpointer.all_steps())
+        # A resumed run takes its weights from the checkpoint: the HF directories of `init`
+        # are only read for a fresh start (and may be gone by now).
+        init_config = dataclasses.replace(config, init=InitConfig()) if resume else config
+        graphdef, state = create_train_state(init_config, mesh, train.seed)
+        state_shardings = shardings_of(state)
+        loader = make_loader(
+            prepared.data_dir,
+            "train",
+            train.batch_size,
+            seed=train.seed,
+            max_seq_length=config.data.max_seq_length,
+        )
+        closers.append(("data loader", loader.close))
+        start = 0
+        if resume:
+            abstract = jax.tree.map(
+                lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                state,
+                state_shardings,
+            )
+            restored, start = checkpointer.restore_newest_readable(abstract)
+            state = restored.state
+            loader.set_state(restored.data_state)
+            logger.info("resumed from the checkpoint of step %d", start)
+        # Everything this run can check is checked: from now on the workdir is this config's.
+        if distributed.is_main_process():
+            _write_config(config, workdir)
+        result.step = start
+
+        train_step = make_train_step(config, mesh, graphdef, state_shardings)
+        eval_step = make_eval_step(config, mesh, graphdef, state_shardings)
+        sharding = batch_sharding(mesh)
+        tokens_per_step = train.batch_size * config.data.max_seq_length
+        metrics_logger = MetricsLogger(workdir, total_steps=train.steps, start_step=start)
+        closers.append(("metrics logger", metrics_logger.close))
+        watcher = distributed.PreemptionWatcher(sync_every=train.log_every_steps)
+        closers.append(("preemption watcher", watcher.close))
+        bad_in_a_row = 0
+        pending: dict[str, Any] | None = None
+        window_start, window_steps = time.perf_counter(), 0
+
+        def meta(step: int) -> dict[str, Any]:
+            return {"config": config.to_dict(), "tokens_seen": step * tokens_per_step}
+
         for step in range(start + 1, train.steps + 1):
             batch = _global_batch(next(loader), sharding)
             # A pure function of (seed, step): a resumed run draws the same masks and dropout.
             state, metrics = train_step(state, batch, step_rng(train.seed, step))
             window_steps += 1
+            checkpointer.check()  # a save that failed in the background stops the run now
+            if lock is not None and lock.lost:
+                raise TrainingStopped(
+                    f"another run took over the lock of {workdir} (this one was stopped for "
+                    f"longer than the lock's stale limit); stopping at step {step}: "
+                    f"{last_good()}"
+                )
 
             # Look at the previous step's flag, so the host never waits on the step it has
             # just dispatched; a skipped update left the state unchanged anyway.
@@ -181,24 +280,29 @@ def pretrain(config: Config, workdir: str | Path, *, stage: str = "all") -> RunR
             pending = {"nonfinite": metrics["nonfinite"]}
             if bad_in_a_row >= train.max_consecutive_nonfinite:
                 raise TrainingStopped(
-                    f"{bad_in_a_row} non-finite losses or gradients in a row before step {step}; "
-                    f"the last good checkpoint (step {checkpointer.latest_step()}) is intact. "
-                    "Lower optimizer.learning_rate or check the data."
+                    f"{bad_in_a_row} non-finite losses or gradients in a row before step "
+                    f"{step}; {last_good()}. Lower optimizer.learning_rate or check the data."
                 )
 
-            if step % train.log_every_steps == 0 or step == train.steps:
-                row = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                elapsed = time.perf_counter() - window_start
-                row["tokens_per_second"] = window_steps * tokens_per_step / elapsed
-                row["tokens_seen"] = step * tokens_per_step
-                metrics_logger.update(step, row)
-                result.last_metrics = row
-                window_start, window_steps = time.perf_counter(), 0
+            try:
+                if step % train.log_every_steps == 0 or step == train.steps:
+                    row = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    elapsed = time.perf_counter() - window_start
+                    row["tokens_per_second"] = window_steps * tokens_per_step / elapsed
+                    row["tokens_seen"] = step * tokens_per_step
+                    metrics_logger.update(step, row)
+                    result.last_metrics = row
+                    window_start, window_steps = time.perf_counter(), 0
 
-            if step % train.eval_every_steps == 0 or step == train.steps:
-                result.last_eval = evaluate(eval_step, state, prepared, config, sharding)
-                metrics_logger.log_eval(step, result.last_eval)
-                window_start, window_steps = time.perf_counter(), 0
+                if step % train.eval_every_steps == 0 or step == train.steps:
+                    result.last_eval = evaluate(eval_step, state, prepared, config, sharding)
+                    metrics_logger.log_eval(step, result.last_eval)
+                    window_start, window_steps = time.perf_counter(), 0
+            except OSError as e:  # the metrics files: a full disk often shows up here first
+                raise TrainingStopped(
+                    f"cannot write {e.filename or workdir}: {short_reason(e)}; stopping at "
+                    f"step {step}: {last_good()}. Free space and run the same command to resume."
+                ) from None
 
             stop = watcher.should_stop(step)
             if checkpointer.should_save(step) or stop or step == train.steps:
@@ -207,9 +311,9 @@ def pretrain(config: Config, workdir: str | Path, *, stage: str = "all") -> RunR
             if stop:
                 result.stopped_early = True
                 break
-    finally:
-        checkpointer.close()
-        metrics_logger.close()
-        watcher.close()
-        loader.close()
+        checkpointer.wait()  # the last save: its failure is this run's error
+    except BaseException as failure:
+        _close_all(closers, failure)
+        raise
+    _close_all(closers, None)
     return result
