@@ -27,7 +27,8 @@ def tiny(**model_overrides):
         position_biased_input=False,
     )
     model.update(model_overrides)
-    return config_from_dict({"model": model, "data": {"mask_prob": 0.25}})
+    # data.vocab_size: the model's rows less [MASK].
+    return config_from_dict({"model": model, "data": {"mask_prob": 0.25, "vocab_size": 49}})
 
 
 def test_hand_count_batch_2_length_4():
