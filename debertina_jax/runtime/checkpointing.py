@@ -607,3 +607,29 @@ def restore_checkpoint(
     with Checkpointer(workdir, every_steps=1, keep=1, read_only=True) as checkpointer:
         return checkpointer.restore(step, abstract_state, restore_data=restore_data)
 
+
+def restore_params(workdir: str | os.PathLike, step: int | None, abstract_params: Any) -> Any:
+    """Only state["params"] of checkpoint `step` (default: the latest), laid out and placed as
+    `abstract_params` (ShapeDtypeStructs with shardings) says.
+
+    orbax's partial restore reads those arrays and leaves the rest of the state (the optimizer's
+    moments, twice the parameters' size) on disk: reading a run back needs no optimizer.
+    """
+    with Checkpointer(workdir, every_steps=1, keep=1, read_only=True) as checkpointer:
+        step_dir = checkpointer.directory / str(checkpointer._existing_step(step))
+    target = {"params": abstract_params}
+    args = ocp.args.PyTreeRestore(
+        item=target,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True,
+    )
+    try:
+        with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as reader:
+            return reader.restore(step_dir / "state", args=args)["params"]
+    except Exception as e:  # orbax/tensorstore raise many types for unreadable files
+        reason = short_reason(e)
+        raise CheckpointRestoreError(
+            f"cannot restore checkpoint {step_dir} (corrupted or incomplete, or saved with "
+            f"other parameters): {reason}",
+            reason,
+        ) from e
