@@ -465,8 +465,9 @@ def test_init_refuses_a_different_shape_or_vocabulary(tmp_path):
         _start(wider)
     message = str(info.value)
     assert f"init.discriminator_from_hf={out} does not fit" in message
-    assert f"tensor {WORD}: HF (2001, 64), this run (2100, 64)" in message
-    assert "vocabulary: the HF model has 2001 rows, this run 2100" in message
+    rows = config.model.vocab_size  # the exported run's: data.vocab_size + 1 ([MASK])
+    assert f"tensor {WORD}: HF ({rows}, 64), this run (2100, 64)" in message
+    assert f"vocabulary: the HF model has {rows} rows, this run 2100" in message
     assert "mask_predictions" not in message  # only what differs
 
     shallower = dataclasses.replace(config, model=config.model.replace(num_hidden_layers=1))
