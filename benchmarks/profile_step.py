@@ -125,12 +125,8 @@ def main() -> None:
     import jax
     from train_step import build_parser, load_benchmark_config, random_lines
 
-    from debertina_jax.pretraining.step import (
-        create_train_state,
-        make_train_step,
-        shardings_of,
-        step_rng,
-    )
+    from debertina_jax.pretraining.state import create_train_state, shardings_of
+    from debertina_jax.pretraining.step import make_train_step, step_rng
     from debertina_jax.runtime.sharding import batch_sharding, make_mesh
 
     parser = build_parser(__doc__)

@@ -178,7 +178,7 @@ def attention_seconds(config, batch: int, seq_len: int, impl: str, repeats: int)
     from debertina_jax.model.attention import attention_scale, disentangled_attention
     from debertina_jax.model.blocks import apply_dropout
     from debertina_jax.model.relative_position import build_relative_positions
-    from debertina_jax.pretraining.step import compute_settings
+    from debertina_jax.pretraining.pair import compute_settings
 
     c = config.model
     dtype = compute_settings(config).dtype
@@ -249,13 +249,12 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     import jax
 
     from debertina_jax.model.attention import resolve_attention_impl
-    from debertina_jax.pretraining.step import (
+    from debertina_jax.pretraining.state import (
         abstract_train_state,
         create_train_state,
-        make_train_step,
         shardings_of,
-        step_rng,
     )
+    from debertina_jax.pretraining.step import make_train_step, step_rng
     from debertina_jax.runtime.sharding import batch_sharding, make_mesh
 
     config = load_benchmark_config(args)

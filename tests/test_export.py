@@ -36,11 +36,14 @@ from debertina_jax.export.export import (
     VerificationError,
     export,
 )
-from debertina_jax.hf.convert import from_hf, model_to_state_dict, read_hf_weights
-from debertina_jax.hf.init import EMD_POSITIONS_KEY, HFInitError, init_state_from_hf
-from debertina_jax.pretraining.step import (
+from debertina_jax.hf.convert import from_hf, model_to_state_dict
+from debertina_jax.hf.files import read_hf_weights
+from debertina_jax.hf.init import HFInitError
+from debertina_jax.hf.names import EMD_POSITIONS_KEY
+from debertina_jax.pretraining.state import (
     abstract_train_state,
     create_train_state,
+    init_state_from_hf,
     merge_pair,
     shardings_of,
 )

@@ -11,7 +11,8 @@ from flax import nnx
 from debertina_jax.config import Config, DataConfig, GeneratorConfig, TrainConfig
 from debertina_jax.config.model import ConfigError, DebertaV2Config
 from debertina_jax.model import electra
-from debertina_jax.pretraining.step import build_pair, electra_loss
+from debertina_jax.pretraining.pair import build_pair
+from debertina_jax.pretraining.step import electra_loss
 
 MODEL = DebertaV2Config.deberta_v3(
     vocab_size=96,

@@ -9,6 +9,8 @@ from jax.sharding import PartitionSpec
 
 from debertina_jax.config import MeshConfig, config_from_dict
 from debertina_jax.config.model import ConfigError
+from debertina_jax.pretraining import pair as pair_lib
+from debertina_jax.pretraining import state as state_lib
 from debertina_jax.pretraining import step as ts
 from debertina_jax.runtime import sharding
 
@@ -68,12 +70,12 @@ class Runner:
     def __init__(self, config, mesh, initial=None):
         self.config, self.mesh = config, mesh
         if initial is None:
-            self.graphdef, state = ts.create_train_state(config, mesh, rng_seed=0)
-            self.shardings = ts.shardings_of(state)
+            self.graphdef, state = state_lib.create_train_state(config, mesh, rng_seed=0)
+            self.shardings = state_lib.shardings_of(state)
             self.initial = jax.device_get(state)
         else:
-            self.graphdef, abstract, _ = ts.abstract_train_state(config, mesh)
-            self.shardings = ts.shardings_of(abstract)
+            self.graphdef, abstract, _ = state_lib.abstract_train_state(config, mesh)
+            self.shardings = state_lib.shardings_of(abstract)
             self.initial = initial
         self.step = ts.make_train_step(config, mesh, self.graphdef, self.shardings)
 
@@ -139,7 +141,7 @@ def test_logical_axes_fall_back_to_replication():
 
 def test_params_and_adam_moments_are_sharded_by_the_rules():
     config = _config()
-    _, abstract, _ = ts.abstract_train_state(config, _mesh(2, 2, 2))
+    _, abstract, _ = state_lib.abstract_train_state(config, _mesh(2, 2, 2))
     kernel = abstract["params"]["discriminator"]["deberta"]["encoder"]["layers"][0]["intermediate"]
     assert kernel["kernel"].sharding.spec == PartitionSpec("fsdp", "tensor")
     mu = jax.tree.leaves(
@@ -232,7 +234,7 @@ def test_gradient_accumulation_averages_the_micro_batches(single):
 
 def _forward(config):
     """(params, jit(params, rng -> metrics)) of the training forward (dropout as configured)."""
-    graphdef, params = nnx.split(ts.build_pair(config, 0), nnx.Param)
+    graphdef, params = nnx.split(pair_lib.build_pair(config, 0), nnx.Param)
     ids = jnp.asarray(_batch()["input_ids"])
 
     @jax.jit
@@ -258,7 +260,7 @@ def evaluate(single):
 
 def test_bfloat16_compute_keeps_float32_weights(single, evaluate):
     config = _config(train={"dtype": "bfloat16"})
-    graphdef, abstract, _ = ts.abstract_train_state(config, single.mesh)
+    graphdef, abstract, _ = state_lib.abstract_train_state(config, single.mesh)
     assert {x.dtype for x in jax.tree.leaves(abstract["params"])} == {jnp.dtype(jnp.float32)}
     rough_eval = ts.make_eval_step(config, single.mesh, graphdef, single.shardings)
     state, rng = single.fresh(), ts.step_rng(0, 0)
@@ -271,12 +273,12 @@ def test_bfloat16_compute_keeps_float32_weights(single, evaluate):
 def test_bad_batches_and_configs_are_rejected(single):
     config = _config(optimizer={"grad_accum_steps": 2})
     mesh = _mesh(4)
-    graphdef, abstract, _ = ts.abstract_train_state(config, mesh)
-    step = ts.make_train_step(config, mesh, graphdef, ts.shardings_of(abstract))
+    graphdef, abstract, _ = state_lib.abstract_train_state(config, mesh)
+    step = ts.make_train_step(config, mesh, graphdef, state_lib.shardings_of(abstract))
     rows = jax.ShapeDtypeStruct((4, LENGTH), jnp.int32)  # 4 rows: 4 shards x 2 micro-batches
     with pytest.raises(ValueError, match="multiple of mesh.data x mesh.fsdp"):
         step.lower(abstract, {"input_ids": rows}, ts.step_rng(0, 0))
     with pytest.raises(ValueError, match="needs 'input_ids'"):
         step.lower(abstract, {"ids": rows}, ts.step_rng(0, 0))
     with pytest.raises(ConfigError, match="must exceed data.vocab_size"):
-        ts.abstract_train_state(_config(model={"vocab_size": 120}), single.mesh)
+        state_lib.abstract_train_state(_config(model={"vocab_size": 120}), single.mesh)

@@ -18,7 +18,7 @@ import numpy as np
 from debertina_jax.config import Config, MeshConfig, config_from_dict
 from debertina_jax.data.workdir import data_paths
 from debertina_jax.model.models import DebertaV2ForMaskedLM, DebertaV2ForReplacedTokenDetection
-from debertina_jax.pretraining.step import abstract_train_state, merge_pair
+from debertina_jax.pretraining.state import abstract_train_state, merge_pair
 from debertina_jax.runtime.checkpointing import (
     CheckpointRestoreError,
     read_checkpoint_meta,

@@ -47,14 +47,9 @@ from debertina_jax.config import Config
 from debertina_jax.config.model import DebertaV2Config
 from debertina_jax.data.tokenizer import Tokenizer
 from debertina_jax.export.checkpoint import load_checkpoint
-from debertina_jax.hf.convert import (
-    CONFIG_NAME,
-    SAFETENSORS_NAME,
-    from_hf,
-    model_to_state_dict,
-    read_hf_weights,
-)
-from debertina_jax.hf.init import EMD_METADATA_KEY, EMD_POSITIONS_KEY
+from debertina_jax.hf.convert import from_hf, model_to_state_dict
+from debertina_jax.hf.files import CONFIG_NAME, SAFETENSORS_NAME, read_hf_weights
+from debertina_jax.hf.names import EMD_METADATA_KEY, EMD_POSITIONS_KEY
 from debertina_jax.model.models import DebertaV2ForMaskedLM, DebertaV2ForReplacedTokenDetection
 from debertina_jax.runtime.metrics_log import read_metrics
 

@@ -4,9 +4,14 @@ Every nnx.Param of a model gets one HF key (one per layer for stacked `scan_laye
 nothing can be silently left out of an export. Layouts: a Linear kernel is [in, out] here and
 [out, in] in torch; a Conv1d kernel is [width, in/groups, out] here and [out, in/groups, width]
 in torch; everything else is identical.
+
+Also here: the key variants HF checkpoints come in (backbone keys with or without "deberta.",
+the two MLM head layouts) and the names of the tensors other code looks up (word and position
+tables, the RTD head, the enhanced mask decoder's table).
 """
 
 import dataclasses
+from collections.abc import Iterable
 
 import numpy as np
 from flax import nnx
@@ -64,6 +69,21 @@ _LEAVES = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias":
 
 # Top-level prefixes of head weights in HF checkpoints (ours or other architectures').
 HEAD_PREFIXES = ("cls.", "lm_predictions.", "mask_predictions.", "pooler.", "classifier.")
+RTD_HEAD = "mask_predictions."
+# The first key of each HF MLM head layout (legacy: True, lm_predictions: False).
+_MLM_ROOTS = {True: "cls.predictions.", False: "lm_predictions."}
+
+# Head models keep the backbone under "deberta."; the bare DebertaV2Model has no prefix.
+BASE_PREFIX = "deberta."
+_BACKBONE_ROOTS = ("embeddings.", "encoder.")
+WORD_KEY = BASE_PREFIX + "embeddings.word_embeddings.weight"
+POSITION_KEY = BASE_PREFIX + "embeddings.position_embeddings.weight"
+# Our generator export keeps the EMD's position table under the name of an absolute position
+# table: HF's DebertaV2 classes ignore it on load (their _keys_to_ignore_on_load_unexpected), and
+# the official DeBERTa code keeps the EMD's table there too. EMD generators have no absolute
+# positions in their input, so the name is free. The safetensors metadata flags such files.
+EMD_POSITIONS_KEY = POSITION_KEY
+EMD_METADATA_KEY = "debertina_enhanced_mask_decoder"  # "true" / "false"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,7 +141,7 @@ def _names_for(path: tuple, shape: tuple[int, ...], legacy: bool) -> list[Tensor
     if head is not None:
         return [TensorName(head, path, None, _layout(leaf, len(shape)))]
 
-    prefix, body = ("deberta.", path[1:]) if path[0] == "deberta" else ("", path)
+    prefix, body = (BASE_PREFIX, path[1:]) if path[0] == "deberta" else ("", path)
     if body[:2] == ("encoder", "layers"):
         if isinstance(body[2], int):  # nnx.List of layers
             layers, inner, stacked = [body[2]], body[3:], False
@@ -153,3 +173,38 @@ def tensor_names(model: nnx.Module) -> list[TensorName]:
     for path, param in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         names.extend(_names_for(tuple(path), tuple(param.shape), legacy))
     return names
+
+
+# ---- key variants of HF checkpoints ----------------------------------------------------------
+def with_base_prefix(tensors: dict[str, np.ndarray], *, base: bool) -> dict[str, np.ndarray]:
+    """Backbone keys without "deberta." for the bare DebertaV2Model (`base`), with it for every
+    head model; checkpoints of either kind come both ways."""
+    out = {}
+    for key, value in tensors.items():
+        if key.startswith(BASE_PREFIX):
+            key = key.removeprefix(BASE_PREFIX) if base else key
+        elif key.startswith(_BACKBONE_ROOTS) and not base:
+            key = BASE_PREFIX + key
+        out[key] = value
+    return out
+
+
+def mlm_layout(keys: Iterable[str]) -> bool | None:
+    """The HF `legacy` flag matching the MLM head keys present: True for cls.predictions.*,
+    False for lm_predictions.*; None when there are none, or both."""
+    found = {legacy for key in keys for legacy, root in _MLM_ROOTS.items() if key.startswith(root)}
+    return found.pop() if len(found) == 1 else None
+
+
+def to_mlm_layout(tensors: dict[str, np.ndarray], legacy: bool) -> dict[str, np.ndarray]:
+    """The tensors with the MLM head renamed to the `legacy` layout (same math: only the names
+    differ; the tied decoder copies of the legacy layout are left as they are)."""
+    renames = {
+        f"{_MLM_MODULES[not legacy][m]}.": f"{_MLM_MODULES[legacy][m]}." for m in _MLM_MODULES[True]
+    }
+    renames.update({_MLM_PARAMS[not legacy][p]: _MLM_PARAMS[legacy][p] for p in _MLM_PARAMS[True]})
+    out = {}
+    for key, value in tensors.items():
+        old = next((o for o in renames if key.startswith(o)), None)
+        out[key if old is None else renames[old] + key[len(old) :]] = value
+    return out

@@ -18,22 +18,28 @@
   back at the end of a plain DebertaV2ForMaskedLM, which is what HF can run (HF has no EMD).
 
 `export_discriminator` / `export_generator` give standalone models with GDES merged
-(E_D = E_G + E_delta), for checkpoint loading and conversion to HF.
+(E_D = E_G + E_delta), for checkpoint loading and conversion to HF; `import_models` /
+`import_weights` are their inverse, for continued pretraining.
 """
 
 from __future__ import annotations
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, traverse_util
 
 from debertina_jax.config import Config, generator_model_config
-from debertina_jax.config.model import ConfigError, DebertaV2Config
+from debertina_jax.config.model import DebertaV2Config
 from debertina_jax.model.blocks import embed, gather_positions, split_key
 from debertina_jax.model.compute import DEFAULT_COMPUTE, Compute
 from debertina_jax.model.layers import Encoder, EncoderLayer
 from debertina_jax.model.models import DebertaV2ForMaskedLM, DebertaV2ForReplacedTokenDetection
+from debertina_jax.model.params import ParamPath, host_params, params_by_path, set_params
+
+log = logging.getLogger(__name__)
 
 EMD_STEPS = 2  # the official EMD applies the shared last layer twice
 
@@ -105,8 +111,7 @@ class ElectraPair(nnx.Module):
         gen_config = generator_model_config(config)
         self.generator_config = gen_config
         emd = None
-        if config.generator.enhanced_mask_decoder:
-            _check_emd(gen_config)
+        if config.generator.enhanced_mask_decoder:  # Config has checked its needs (run.py)
             backbone = gen_config.replace(num_hidden_layers=gen_config.num_hidden_layers - 1)
             self.generator = DebertaV2ForMaskedLM(backbone, rngs=rngs, compute=compute)
             emd = EnhancedMaskDecoder(gen_config, rngs=rngs, compute=compute)
@@ -175,7 +180,10 @@ class ElectraPair(nnx.Module):
             for gt, dt in zip(_absolute_tables(g), _absolute_tables(d), strict=True)
         ]
 
-    # ---- export ----------------------------------------------------------------------------
+    # ---- export and import ---------------------------------------------------------------
+    # The rules between the pair and standalone models live here only: the GDES merge
+    # (E_D = E_G + E_delta) and split (E_delta = E_D - E_G), and the EMD layer as the
+    # standalone generator's last layer. hf/init.py imports HF directories through them.
     def export_discriminator(self) -> DebertaV2ForReplacedTokenDetection:
         """A standalone discriminator whose tables are the ones it reads (GDES: E_G + E_delta)."""
         merged = self._gdes_tables()
@@ -184,32 +192,27 @@ class ElectraPair(nnx.Module):
             table.embedding[...] = value  # GDES only: `merged` is empty otherwise
         return disc
 
+    def abstract_generator(self) -> DebertaV2ForMaskedLM:
+        """The standalone generator's structure (nnx.eval_shape: no arrays), full depth."""
+        return nnx.eval_shape(
+            lambda: DebertaV2ForMaskedLM(
+                self.generator_config, rngs=nnx.Rngs(params=0), compute=self.compute
+            )
+        )
+
     def export_generator(self) -> DebertaV2ForMaskedLM:
         """A standalone generator; with the EMD, its layer becomes the backbone's last layer
         (the official generator's weights as HF lays them out; HF does not run the EMD)."""
         if self.enhanced_mask_decoder is None:
             return nnx.clone(self.generator)
-        graphdef, target, rest = nnx.split(
-            nnx.eval_shape(
-                lambda: DebertaV2ForMaskedLM(
-                    self.generator_config,
-                    rngs=nnx.Rngs(params=0),
-                    compute=self.compute,
-                )
-            ),
-            nnx.Param,
-            ...,
+        graphdef, target, rest = nnx.split(self.abstract_generator(), nnx.Param, ...)
+        weights = _join_last_layer(
+            _arrays(self.generator),
+            _arrays(self.enhanced_mask_decoder.layer),
+            self.generator_config.num_hidden_layers - 1,
+            self.compute.scan_layers,
         )
-        weights = nnx.to_pure_dict(nnx.state(self.generator, nnx.Param))
-        last = nnx.to_pure_dict(nnx.state(self.enhanced_mask_decoder.layer, nnx.Param))
-        encoder = weights["deberta"]["encoder"]
-        if self.compute.scan_layers:
-            encoder["layers"] = jax.tree.map(
-                lambda stack, x: jnp.concatenate([stack, x[None]]), encoder["layers"], last
-            )
-        else:
-            encoder["layers"][len(encoder["layers"])] = last
-        nnx.replace_by_pure_dict(target, weights)
+        nnx.replace_by_pure_dict(target, traverse_util.unflatten_dict(weights))
         return nnx.merge(graphdef, target, rest)
 
     def import_models(
@@ -218,79 +221,133 @@ class ElectraPair(nnx.Module):
         generator: DebertaV2ForMaskedLM | None = None,
         discriminator: DebertaV2ForReplacedTokenDetection | None = None,
     ) -> None:
-        """The inverse of the exports, for continued pretraining: copies standalone models in.
-
-        The generator goes first (it holds E_G); under GDES the discriminator's tables become
-        E_delta = E_D - E_G, so that the table it reads is exactly its own. Under ES the shared
-        table takes the discriminator's values when a discriminator is given. With the EMD, the
-        generator's last layer becomes the EMD layer; the EMD position table, which standalone
-        (HF) generators do not have, keeps its current values.
-        """
+        """The inverse of the exports: copies standalone models of this pair's config in (see
+        `import_weights`). The EMD position table, which standalone (HF) generators do not
+        have, keeps its current values."""
         if generator is not None:
-            weights = nnx.to_pure_dict(nnx.state(generator, nnx.Param))
-            if self.enhanced_mask_decoder is not None:
-                weights, last = _split_last_layer(weights, self.compute.scan_layers)
-                _copy_weights(self.enhanced_mask_decoder.layer, last, "generator's last layer")
-            _copy_weights(self.generator, weights, "generator")
+            generator = host_params(generator)
+            _check_complete(generator, self.abstract_generator(), "generator")
         if discriminator is not None:
-            _copy_weights(
-                self.discriminator,
-                nnx.to_pure_dict(nnx.state(discriminator, nnx.Param)),
-                "discriminator",
-            )
-            if self.sharing == "gdes":
-                g, d = self.generator.deberta.embeddings, self.discriminator.deberta.embeddings
-                for gt, dt in zip(_absolute_tables(g), _absolute_tables(d), strict=True):
-                    dt.embedding[...] = dt.embedding[...] - gt.embedding[...]
+            discriminator = host_params(discriminator)
+            _check_complete(discriminator, self.discriminator, "discriminator")
+        self.import_weights(generator=generator, discriminator=discriminator)
+
+    def import_weights(
+        self,
+        *,
+        generator: dict[ParamPath, np.ndarray] | None = None,
+        discriminator: dict[ParamPath, np.ndarray] | None = None,
+        emd_positions: np.ndarray | None = None,
+    ) -> None:
+        """Writes host arrays of standalone models (by their parameter paths: `abstract_generator`
+        and `discriminator`'s) into the pair; parameters left out keep their values. Each
+        parameter keeps its dtype and sharding (model.params.set_params).
+
+        The generator goes first (it holds E_G). With the EMD, the generator's last layer
+        becomes the EMD layer, and `emd_positions` (if given) its position table. Under GDES
+        the discriminator's tables become E_delta = E_D - E_G, so that the table it reads is
+        exactly its own; without a generator, the generator starts from the discriminator's
+        tables (E_G = E_D, E_delta = 0). Under ES the shared table takes the discriminator's
+        values; NES imports both tables as they are.
+        """
+        emd = self.enhanced_mask_decoder
+        generator_tables = None
+        if generator is not None:
+            if emd is not None:
+                depth = self.generator_config.num_hidden_layers
+                generator, last = _split_last_layer(generator, depth, self.compute.scan_layers)
+                set_params(emd.layer, last)
+            set_params(self.generator, generator)
+            generator_tables = _tables(self.generator, generator)
+        if emd_positions is not None:
+            set_params(emd, {("position_embeddings", "embedding"): emd_positions})
+        if discriminator is None:
+            return
+        discriminator = dict(discriminator)
+        tables = _tables(self.discriminator, discriminator)
+        if self.sharing == "gdes":
+            if generator_tables is None:
+                set_params(self.generator, tables)
+                generator_tables = tables
+            for path, e_d in tables.items():
+                discriminator[path] = e_d - generator_tables[path]  # E_delta = E_D - E_G
+        elif self.sharing == "es" and generator_tables is not None:
+            if any(not np.array_equal(generator_tables[p], tables[p]) for p in tables):
+                log.warning(
+                    "embedding_sharing es: the generator's and the discriminator's imported "
+                    "tables differ; the shared table takes the discriminator's"
+                )
+        set_params(self.discriminator, discriminator)
 
 
-def _split_last_layer(weights: dict, scan_layers: bool) -> tuple[dict, dict]:
-    """(weights without the encoder's last layer, that layer) of a pure-dict model state."""
-    layers = weights["deberta"]["encoder"]["layers"]
-    if scan_layers:
-        last = jax.tree.map(lambda x: x[-1], layers)
-        weights["deberta"]["encoder"]["layers"] = jax.tree.map(lambda x: x[:-1], layers)
-    else:
-        last = layers.pop(max(layers))
-    return weights, last
+_LAYERS = ("deberta", "encoder", "layers")  # the encoder's layers in a model's parameter paths
 
 
-def _copy_weights(module: nnx.Module, weights: dict, name: str) -> None:
-    """Writes a pure dict of arrays into `module`'s Params; the trees and shapes must match."""
-    state = nnx.state(module, nnx.Param)
-    ours, theirs = _shapes(nnx.to_pure_dict(state)), _shapes(weights)
+def _split_last_layer(
+    weights: dict[ParamPath, np.ndarray], depth: int, scan_layers: bool
+) -> tuple[dict[ParamPath, np.ndarray], dict[ParamPath, np.ndarray]]:
+    """(a generator's weights without its encoder's last layer, that layer's by paths inside
+    the layer), for a generator of `depth` layers."""
+    body, last = {}, {}
+    n = len(_LAYERS)
+    for path, value in weights.items():
+        if path[:n] != _LAYERS:
+            body[path] = value
+        elif scan_layers:  # one stacked parameter per layer parameter
+            body[path], last[path[n:]] = value[:-1], value[-1]
+        elif path[n] == depth - 1:
+            last[path[n + 1 :]] = value
+        else:
+            body[path] = value
+    return body, last
+
+
+def _join_last_layer(
+    body: dict[ParamPath, jax.Array],
+    last: dict[ParamPath, jax.Array],
+    body_depth: int,
+    scan_layers: bool,
+) -> dict[ParamPath, jax.Array]:
+    """The inverse of `_split_last_layer`: `last` appended to the body's `body_depth` layers."""
+    out = dict(body)
+    for inner, value in last.items():
+        if scan_layers:
+            out[_LAYERS + inner] = jnp.concatenate([body[_LAYERS + inner], value[None]])
+        else:
+            out[(*_LAYERS, body_depth, *inner)] = value
+    return out
+
+
+def _arrays(module: nnx.Module) -> dict[ParamPath, jax.Array]:
+    return {path: param[...] for path, param in params_by_path(module).items()}
+
+
+def _check_complete(weights: dict[ParamPath, np.ndarray], like: nnx.Module, name: str) -> None:
+    """A standalone model must have exactly the parameters (paths and shapes) of `like`."""
+    ours = {path: tuple(p.shape) for path, p in params_by_path(like).items()}
+    theirs = {path: np.shape(value) for path, value in weights.items()}
     if ours != theirs:
-        wrong = sorted(set(ours.items()) ^ set(theirs.items()))[:3]
+        wrong = sorted(set(ours.items()) ^ set(theirs.items()), key=str)[:3]
         raise ValueError(
             f"cannot load the {name}: its parameters do not match the pair's "
             f"(first differences, path and shape: {wrong}); was it built from the same config?"
         )
-    nnx.replace_by_pure_dict(state, weights)
-    nnx.update(module, state)
 
 
-def _shapes(tree: dict) -> dict[str, tuple[int, ...]]:
-    return {
-        jax.tree_util.keystr(p): np.shape(x) for p, x in jax.tree_util.tree_leaves_with_path(tree)
-    }
+def _table_names(embeddings: nnx.Module) -> list[str]:
+    """The absolute tables: the word table and, with position_biased_input, the positions."""
+    names = ("word_embeddings", "position_embeddings")
+    return [name for name in names if getattr(embeddings, name) is not None]
 
 
 def _absolute_tables(embeddings: nnx.Module) -> list[nnx.Embed]:
-    """The word table and, with position_biased_input, the absolute position table."""
-    tables = [embeddings.word_embeddings]
-    if embeddings.position_embeddings is not None:
-        tables.append(embeddings.position_embeddings)
-    return tables
+    return [getattr(embeddings, name) for name in _table_names(embeddings)]
 
 
-def _check_emd(gen_config: DebertaV2Config) -> None:
-    if gen_config.position_biased_input:
-        raise ConfigError(
-            "generator.enhanced_mask_decoder needs model.position_biased_input false: with "
-            "absolute positions in the input the official recipe has no EMD"
-        )
-    if gen_config.num_hidden_layers < 2:
-        raise ConfigError(
-            "generator.enhanced_mask_decoder needs generator.num_hidden_layers >= 2 (the EMD "
-            f"reuses the last layer), got {gen_config.num_hidden_layers}"
-        )
+def _tables(model: nnx.Module, weights: dict[ParamPath, np.ndarray]) -> dict[ParamPath, np.ndarray]:
+    """The absolute tables among a model's `weights`, by path."""
+    paths = [
+        ("deberta", "embeddings", name, "embedding")
+        for name in _table_names(model.deberta.embeddings)
+    ]
+    return {path: weights[path] for path in paths if path in weights}

@@ -28,13 +28,8 @@ import yaml
 from debertina_jax.config import Config, InitConfig
 from debertina_jax.data.loader import make_eval_loader, make_loader
 from debertina_jax.data.workdir import PreparedData, ensure_data
-from debertina_jax.pretraining.step import (
-    create_train_state,
-    make_eval_step,
-    make_train_step,
-    shardings_of,
-    step_rng,
-)
+from debertina_jax.pretraining.state import create_train_state, shardings_of
+from debertina_jax.pretraining.step import make_eval_step, make_train_step, step_rng
 from debertina_jax.runtime import distributed
 from debertina_jax.runtime.batch_layout import check_batch_layout
 from debertina_jax.runtime.checkpointing import Checkpointer, short_reason

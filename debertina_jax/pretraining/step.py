@@ -1,11 +1,9 @@
 """The sharded, jitted pretraining step: mask -> generator -> MLM -> sample -> discriminator -> RTD
 -> gradients -> AdamW, all inside one XLA program.
 
-The train state is a plain pytree (a dict, what orbax saves and restores):
-    {"step": int32 [], "params": nnx.State of the ElectraPair's Params, "opt_state": optax state}
-and the model structure travels separately as an nnx GraphDef (`nnx.merge(graphdef, params)`).
-The pair is built with a "params" rng stream only, so it holds no rng state: dropout keys come
-from the step's `rng` argument (use `step_rng(seed, step)`), and a resumed run replays exactly.
+Only what runs under jit lives here; the train state (its form, initialisation and sharding)
+is state.py's. The pair holds no rng state: dropout keys come from the step's `rng` argument
+(use `step_rng(seed, step)`), so a resumed run replays exactly.
 
 Batches are dicts of int32 arrays with at least "input_ids" [B, L] (padding = pad_token_id),
 B the global batch; extra keys (the eval loader's "weights") are accepted and ignored: pad rows
@@ -24,18 +22,14 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from debertina_jax.config import Config
-from debertina_jax.config.model import ConfigError
-from debertina_jax.hf.init import init_state_from_hf
-from debertina_jax.model.attention import resolve_attention_impl
 from debertina_jax.model.blocks import gather_positions
-from debertina_jax.model.compute import Compute
 from debertina_jax.model.electra import ElectraPair
 from debertina_jax.pretraining import losses
 from debertina_jax.pretraining.masking import default_max_predictions, mask_tokens
 from debertina_jax.pretraining.optimizer import current_learning_rate, make_optimizer
-from debertina_jax.runtime.sharding import batch_sharding, batch_shards, state_shardings
+from debertina_jax.pretraining.state import TrainState, merge_pair
+from debertina_jax.runtime.sharding import batch_sharding, batch_shards
 
-TrainState = dict[str, Any]
 Metrics = dict[str, jax.Array]
 
 # Fixed ids of the DeBERTa-v3 vocabulary (tokenizer.py): [PAD]=0, [CLS]=1, [SEP]=2, [UNK]=3;
@@ -58,72 +52,6 @@ TRAIN_METRICS = LOSS_METRICS + ("grad_norm", "learning_rate", "nonfinite")
 def step_rng(seed: int, step: int | jax.Array) -> jax.Array:
     """The rng of train step `step`: a pure function of (seed, step), so resuming replays it."""
     return jax.random.fold_in(jax.random.key(seed), step)
-
-
-def compute_settings(config: Config) -> Compute:
-    """The model's compute settings from config.train ("auto" attention resolved here)."""
-    return Compute(
-        dtype=config.train.dtype,
-        scan_layers=config.train.scan_layers,
-        remat=config.train.remat,
-        attention_impl=resolve_attention_impl(config.train.attention_impl),
-    )
-
-
-def build_pair(config: Config, rng_seed: int) -> ElectraPair:
-    """The generator/discriminator pair with the compute settings of `config.train`."""
-    return ElectraPair(
-        config,
-        rngs=nnx.Rngs(params=rng_seed),  # no "dropout" stream: see the module docstring
-        compute=compute_settings(config),
-    )
-
-
-def abstract_train_state(
-    config: Config, mesh: Mesh, rng_seed: int = 0
-) -> tuple[nnx.GraphDef, TrainState, Callable[[], TrainState]]:
-    """(graphdef, abstract state, init function) without allocating anything.
-
-    The abstract state holds jax.ShapeDtypeStructs carrying their NamedShardings, the form
-    orbax wants as a restore target. `init()` builds the real state; jit it with
-    out_shardings (as `create_train_state` does) so it is created directly sharded.
-    """
-    _check_config(config)
-    tx = make_optimizer(config)
-    graphdef = _graphdef(nnx.eval_shape(lambda: build_pair(config, rng_seed)))
-
-    def init() -> TrainState:
-        params = nnx.state(build_pair(config, rng_seed), nnx.Param)
-        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
-
-    shapes = jax.eval_shape(init)
-    shardings = state_shardings(shapes, mesh, config.mesh.rules)
-    abstract = jax.tree.map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
-    )
-    return graphdef, abstract, init
-
-
-def create_train_state(
-    config: Config, mesh: Mesh, rng_seed: int
-) -> tuple[nnx.GraphDef, TrainState]:
-    """Initialises the pair and the optimizer directly into their shardings on `mesh`, then
-    loads config.init's Hugging Face weights, if any (hf_init.py)."""
-    graphdef, abstract, init = abstract_train_state(config, mesh, rng_seed)
-    state = jax.jit(init, out_shardings=shardings_of(abstract))()
-    if config.init.discriminator_from_hf or config.init.generator_from_hf:
-        state = init_state_from_hf(config, graphdef, state)
-    return graphdef, state
-
-
-def shardings_of(state: TrainState) -> Any:
-    """The NamedSharding of every leaf (of a real or an abstract state)."""
-    return jax.tree.map(lambda x: x.sharding, state)
-
-
-def merge_pair(graphdef: nnx.GraphDef, state: TrainState) -> ElectraPair:
-    """The ElectraPair module holding the parameters of a train state."""
-    return nnx.merge(graphdef, state["params"])
 
 
 def electra_loss(
@@ -268,13 +196,6 @@ def _pad_id(config: Config) -> int:
     return 0 if config.model.pad_token_id is None else config.model.pad_token_id
 
 
-def _graphdef(pair: ElectraPair) -> nnx.GraphDef:
-    graphdef, _, rest = nnx.split(pair, nnx.Param, ...)
-    if jax.tree.leaves(rest):
-        raise ValueError(f"the ElectraPair holds non-parameter state, which the step drops: {rest}")
-    return graphdef
-
-
 def _input_ids(batch: dict[str, Any], mesh: Mesh, accum: int) -> jax.Array:
     if "input_ids" not in batch:
         raise ValueError(f"a batch needs 'input_ids', got keys {sorted(batch)}")
@@ -288,16 +209,3 @@ def _input_ids(batch: dict[str, Any], mesh: Mesh, accum: int) -> jax.Array:
             f"({batch_shards(mesh)}) x optimizer.grad_accum_steps ({accum})"
         )
     return ids.astype(jnp.int32)
-
-
-def _check_config(config: Config) -> None:
-    if config.data.vocab_size >= config.model.vocab_size:
-        raise ConfigError(
-            f"model.vocab_size ({config.model.vocab_size}) must exceed data.vocab_size "
-            f"({config.data.vocab_size}): [MASK] has id data.vocab_size"
-        )
-    if config.train.batch_size % config.optimizer.grad_accum_steps:
-        raise ConfigError(
-            f"train.batch_size ({config.train.batch_size}) must be a multiple of "
-            f"optimizer.grad_accum_steps ({config.optimizer.grad_accum_steps})"
-        )
