@@ -1,4 +1,4 @@
-"""convert_to_pt.py / debertina_jax.export.export: a tiny sharded pretraining run -> HF directories,
+"""convert_to_pt.py / debertina_jax.export: a tiny sharded pretraining run -> HF directories,
 verified; the EMD generator; bad input; and the way back (debertina_jax.hf.init).
 
 One tiny run (8 simulated devices, mesh data 2 x fsdp 2 x tensor 2) is trained once per session
@@ -29,13 +29,10 @@ from safetensors.numpy import save_file
 
 from debertina_jax.config import Config, load_config
 from debertina_jax.export import export as export_lib
-from debertina_jax.export.export import (
-    ExportError,
-    Float16OverflowError,
-    OutputPathError,
-    VerificationError,
-    export,
-)
+from debertina_jax.export import verify as verify_lib
+from debertina_jax.export.errors import ExportError, Float16OverflowError, OutputPathError
+from debertina_jax.export.export import export
+from debertina_jax.export.verify import VerificationError
 from debertina_jax.hf.convert import from_hf, model_to_state_dict
 from debertina_jax.hf.files import read_hf_weights
 from debertina_jax.hf.init import HFInitError
@@ -155,6 +152,42 @@ def test_cli_converts_a_sharded_run_on_one_cpu_device():
     assert _leftovers(out.parent) == []
 
 
+# What the conversion may not load: our optimizer, train state and train step. (optax itself is
+# loaded by flax.nnx, so its presence proves nothing; no module of ours may hold it.)
+TRAINING_MODULES = (
+    "debertina_jax.pretraining.optimizer",
+    "debertina_jax.pretraining.state",
+    "debertina_jax.pretraining.step",
+    "debertina_jax.pretraining.loop",
+)
+_LOADED_BY_CLI = """
+import json, runpy, sys
+sys.argv = ["convert_to_pt.py", *sys.argv[1:]]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+except SystemExit as e:
+    code = e.code
+ours = sorted(m for m in sys.modules if m.startswith("debertina_jax"))
+with_optax = [m for m in ours if "optax" in vars(sys.modules[m])]
+print(json.dumps({"code": code, "modules": ours, "with_optax": with_optax}))
+"""
+
+
+def test_conversion_loads_no_optimizer_and_no_train_step(tmp_path):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    args = ["--workdir", str(tiny_run()), "--output", str(tmp_path / "out"), "--no-verify"]
+    done = subprocess.run([sys.executable, "-c", _LOADED_BY_CLI, *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    loaded = json.loads(done.stdout.splitlines()[-1])
+    assert loaded["code"] == 0, done.stderr[-3000:]
+    assert "debertina_jax.export.export" in loaded["modules"]  # it did run the export
+    assert not set(TRAINING_MODULES) & set(loaded["modules"])
+    assert loaded["with_optax"] == []
+    assert (tmp_path / "out" / "discriminator" / "model.safetensors").is_file()
+
+
 def test_discriminator_directory(tmp_path):
     out = tiny_export() / "discriminator"
     config = json.loads((out / "config.json").read_text())
@@ -206,7 +239,7 @@ def test_half_precision_exports_verify(dtype, tmp_path):
     assert result.checks and all(c.passed for c in result.checks)
     rounding = [c for c in result.checks if c.against.startswith("JAX on the checkpoint")]
     assert all(0 < c.max_abs_diff <= c.tolerance for c in rounding)
-    assert all(c.tolerance >= export_lib.TOLERANCES[dtype] for c in rounding)
+    assert all(c.tolerance >= verify_lib.TOLERANCES[dtype] for c in rounding)
     path = tmp_path / "out" / "generator" / "model.safetensors"
     with safe_open(str(path), "np") as f:
         names = list(f.keys())
@@ -371,7 +404,7 @@ def test_float16_overflow_names_the_tensor(tmp_path):
 def test_failed_verification_or_crash_writes_nothing(tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     (out / "previous").mkdir(parents=True)
-    monkeypatch.setitem(export_lib.TOLERANCES, "bfloat16", 0.0)
+    monkeypatch.setitem(verify_lib.TOLERANCES, "bfloat16", 0.0)
     with pytest.raises(VerificationError, match="hidden states"):
         export(tiny_run(), out, dtype="bfloat16", models=("generator",), overwrite=True)
     args = ["--workdir", str(tiny_run()), "--output", str(out), "--dtype", "bfloat16"]

@@ -16,6 +16,8 @@ import logging
 import os
 import sys
 
+from debertina_jax.export.spec import MODELS  # plain data: --help stays fast
+
 EXIT_ERROR, EXIT_USAGE, EXIT_VERIFY = 1, 2, 3
 
 
@@ -26,7 +28,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     parser.add_argument(
         "--model",
-        choices=("discriminator", "generator", "both"),
+        choices=(*MODELS, "both"),
         default="both",
         help="what to export (default: both)",
     )
@@ -50,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
     # Imported after the arguments are checked: --help should not wait for JAX and torch.
-    from debertina_jax.export.export import MODELS, ExportError, VerificationError, export
+    from debertina_jax.export.export import ExportError, VerificationError, export
     from debertina_jax.runtime.checkpointing import CheckpointNotFoundError, CheckpointRestoreError
 
     models = MODELS if args.model == "both" else (args.model,)

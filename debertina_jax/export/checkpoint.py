@@ -1,12 +1,15 @@
 """Reading a pretraining run back: `load_checkpoint(workdir)` -> generator and discriminator.
 
-Works on any machine with one CPU, whatever mesh the run was trained on: orbax reshards the
-arrays onto a single CPU device. The discriminator comes back with its GDES embedding merged
-(E_G + E_delta), ready for `convert.to_hf` or for use as it is.
+Only the parameters (state["params"]) are read, into an abstract ElectraPair on one CPU device:
+no optimizer, no train step. Works on any machine with one CPU, whatever mesh the run was
+trained on: orbax reshards the arrays onto the CPU. The discriminator comes back with its GDES
+embedding merged (E_G + E_delta), ready for `hf.convert.to_hf` or for use as it is.
+`load_source` adds what an export writes beside the weights (tokenizer, training facts).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,17 +17,29 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax import nnx
 
-from debertina_jax.config import Config, MeshConfig, config_from_dict
+from debertina_jax.config import Config, config_from_dict
 from debertina_jax.data.workdir import data_paths
+from debertina_jax.model.electra import ElectraPair
 from debertina_jax.model.models import DebertaV2ForMaskedLM, DebertaV2ForReplacedTokenDetection
-from debertina_jax.pretraining.state import abstract_train_state, merge_pair
+from debertina_jax.pretraining.pair import build_pair
 from debertina_jax.runtime.checkpointing import (
     CheckpointRestoreError,
     read_checkpoint_meta,
-    restore_checkpoint,
+    restore_params,
 )
-from debertina_jax.runtime.sharding import make_mesh
+from debertina_jax.runtime.metrics_log import read_metrics
+
+log = logging.getLogger(__name__)
+
+# The tokenizer files of tokenizer.export_tokenizer; the first two are required.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "spm.model",
+)
 
 
 @dataclass
@@ -39,6 +54,10 @@ class PretrainedCheckpoint:
     # standalone generator has no place for it, the export keeps it under a name HF ignores.
     emd_positions: np.ndarray | None = None
 
+    def model(self, name: str) -> DebertaV2ForMaskedLM | DebertaV2ForReplacedTokenDetection:
+        """The standalone model called `name` ("discriminator" or "generator")."""
+        return {"discriminator": self.discriminator, "generator": self.generator}[name]
+
 
 def load_checkpoint(workdir: str | os.PathLike, step: int | None = None) -> PretrainedCheckpoint:
     """Restores checkpoint `step` (default: the latest) of the run in `workdir` on the CPU."""
@@ -52,11 +71,8 @@ def load_checkpoint(workdir: str | os.PathLike, step: int | None = None) -> Pret
             f"{workdir}: the config stored in checkpoint {meta.get('step')} is unreadable: {e}"
         ) from None
     cpu = jax.devices("cpu")[0]
-    mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), devices=[cpu])
     with jax.default_device(cpu):
-        graphdef, abstract, _ = abstract_train_state(config, mesh, config.train.seed)
-        state = restore_checkpoint(workdir, meta["step"], abstract_state=abstract).state
-        pair = merge_pair(graphdef, state)
+        pair = _restore_pair(workdir, int(meta["step"]), config, cpu)
         emd = pair.enhanced_mask_decoder
         tokenizer_dir, _ = data_paths(config, workdir)
         return PretrainedCheckpoint(
@@ -68,3 +84,49 @@ def load_checkpoint(workdir: str | os.PathLike, step: int | None = None) -> Pret
             meta=meta,
             emd_positions=None if emd is None else np.asarray(emd.position_embeddings.embedding),
         )
+
+
+def _restore_pair(workdir: Path, step: int, config: Config, device: jax.Device) -> ElectraPair:
+    """The run's pair (its structure from the config, nothing allocated) filled with the
+    checkpoint's parameters on `device`."""
+    abstract = nnx.eval_shape(lambda: build_pair(config, config.train.seed))
+    graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+    on_device = jax.sharding.SingleDeviceSharding(device)
+    target = jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=on_device), params
+    )
+    return nnx.merge(graphdef, restore_params(workdir, step, target), rest)
+
+
+# ---- what an export needs beside the weights -----------------------------------------------------
+@dataclass
+class ExportSource(PretrainedCheckpoint):
+    """One checkpoint of a run, ready to write: the standalone models and what the model card
+    says about their training."""
+
+    eval_metrics: dict[str, Any] | None = None  # the last eval row of metrics.jsonl up to `step`
+
+    @property
+    def tokens_seen(self) -> int | None:
+        return self.meta.get("tokens_seen")
+
+
+def load_source(workdir: str | os.PathLike, step: int | None = None) -> ExportSource:
+    """Restores checkpoint `step` (default: the latest) of `workdir` onto one CPU device."""
+    workdir = Path(workdir)
+    run = load_checkpoint(workdir, step)
+    missing = [n for n in TOKENIZER_FILES[:2] if not (run.tokenizer_dir / n).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"the run's tokenizer directory {run.tokenizer_dir} lacks {', '.join(missing)}"
+        )
+    return ExportSource(**vars(run), eval_metrics=_last_eval(workdir, run.step))
+
+
+def _last_eval(workdir: Path, step: int) -> dict[str, Any] | None:
+    try:
+        rows = [r for r in read_metrics(workdir, split="eval") if r.get("step", 0) <= step]
+    except (FileNotFoundError, ValueError) as e:
+        log.warning("no eval metrics for the model card: %s", e)
+        return None
+    return rows[-1] if rows else None
