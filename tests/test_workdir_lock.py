@@ -16,6 +16,8 @@ import pytest
 
 from debertina_jax.runtime.workdir_lock import (
     LOCK_FILE,
+    STALE_SECONDS,
+    GcsLockStore,
     LocalLockStore,
     LockRecord,
     WorkdirLock,
@@ -180,7 +182,25 @@ def test_of_two_runs_taking_over_a_stale_lock_one_wins(tmp_path):
     assert sorted(results) == ["refused"] * 7 + ["won"]
 
 
-def test_bucket_workdirs_are_named_as_not_supported_yet():
-    with pytest.raises(WorkdirLockedError, match="gs://bucket/run"):
-        lock_store_for("gs://bucket/run")
+def test_bucket_workdirs_lock_an_object_with_generation_preconditions(gcs_bucket):
+    workdir = f"{gcs_bucket}/run"
+    assert isinstance(lock_store_for(workdir), GcsLockStore)
     assert isinstance(lock_store_for("runs/tiny"), LocalLockStore)
+    clock = Clock()
+    with WorkdirLock(lock_store_for(workdir), clock=clock) as lock:
+        with pytest.raises(WorkdirLockedError, match=f"workdir {workdir} is in use"):
+            WorkdirLock(lock_store_for(workdir), clock=clock).acquire()
+        lock.heartbeat()  # a replace against the generation it wrote last
+        assert lock.held
+        # Another host takes over the lock (its heartbeat looked stale from there).
+        data, generation = GcsLockStore(workdir).read()
+        taken = dataclasses.replace(_foreign_record(clock.now), owner="other")
+        assert GcsLockStore(workdir).replace(taken.to_bytes(), generation)
+        lock.heartbeat()
+        assert lock.lost
+    assert GcsLockStore(workdir).read()[0] == taken.to_bytes()  # not ours: left alone
+
+    clock.now += 10 * STALE_SECONDS  # the other host stopped beating: taken over
+    with WorkdirLock(lock_store_for(workdir), clock=clock):
+        pass
+    assert GcsLockStore(workdir).read() is None  # released

@@ -13,12 +13,15 @@ stale, that is when
   host of a shared filesystem) and stopped refreshing it.
 
 The record lives behind `LockStore`, four operations that are atomic on a local filesystem
-(LocalLockStore) and on a GCS object, so a bucket workdir can get a GcsLockStore later:
+(LocalLockStore) and on a GCS object (GcsLockStore, for gs:// workdirs):
 
     create(data)            write only if absent     GCS: if_generation_match=0
     read()                  data and its version     GCS: the object's generation
     replace(data, version)  write only if unchanged  GCS: if_generation_match=version
     delete(version)         delete only if unchanged GCS: if_generation_match=version
+
+create and replace return the version they wrote (None when refused): on GCS the generation
+is known only once the write is done.
 
 Taking over a stale lock is a `replace` against the version that was judged stale, so of two
 runs taking over at once only one succeeds.
@@ -42,6 +45,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from debertina_jax import storage
+from debertina_jax.storage import objects
+
 logger = logging.getLogger(__name__)
 
 LOCK_FILE = "run.lock"
@@ -60,16 +66,16 @@ class LockStore(abc.ABC):
     description: str  # for messages: the lock's file or object name
 
     @abc.abstractmethod
-    def create(self, data: bytes) -> bool:
-        """Writes `data` if there is no record; False if there is one."""
+    def create(self, data: bytes) -> Any:
+        """Writes `data` if there is no record: its version; None if there is one."""
 
     @abc.abstractmethod
     def read(self) -> tuple[bytes, Any] | None:
         """The record and an opaque version of it, or None when there is none."""
 
     @abc.abstractmethod
-    def replace(self, data: bytes, version: Any) -> bool:
-        """Writes `data` if the record is still at `version`; False otherwise."""
+    def replace(self, data: bytes, version: Any) -> Any:
+        """Writes `data` if the record is still at `version`: the new version; else None."""
 
     @abc.abstractmethod
     def delete(self, version: Any) -> bool:
@@ -108,13 +114,13 @@ class LocalLockStore(LockStore):
         finally:
             os.close(fd)  # closing releases the flock
 
-    def create(self, data: bytes) -> bool:
+    def create(self, data: bytes) -> Any:
         tmp = self._write_temp(data)
         try:
             os.link(tmp, self.path)
-            return True
+            return data
         except FileExistsError:
-            return False
+            return None
         finally:
             tmp.unlink()
 
@@ -125,13 +131,13 @@ class LocalLockStore(LockStore):
             return None
         return data, data
 
-    def replace(self, data: bytes, version: Any) -> bool:
+    def replace(self, data: bytes, version: Any) -> Any:
         with self._guard():
             current = self.read()
             if current is None or current[1] != version:
-                return False
+                return None
             os.replace(self._write_temp(data), self.path)
-            return True
+            return data
 
     def delete(self, version: Any) -> bool:
         with self._guard():
@@ -142,13 +148,33 @@ class LocalLockStore(LockStore):
             return True
 
 
+class GcsLockStore(LockStore):
+    """The object WORKDIR/run.lock in a bucket; the version is the object's generation, and
+    every operation is one request with a generation precondition (storage/objects.py)."""
+
+    def __init__(self, workdir: str):
+        self.url = storage.join(workdir, LOCK_FILE)
+        self.workdir = workdir
+        self.description = self.url
+
+    def create(self, data: bytes) -> Any:
+        return objects.write_if(self.url, data, 0)
+
+    def read(self) -> tuple[bytes, Any] | None:
+        return objects.read(self.url)
+
+    def replace(self, data: bytes, version: Any) -> Any:
+        return objects.write_if(self.url, data, version)
+
+    def delete(self, version: Any) -> bool:
+        return objects.delete_if(self.url, version)
+
+
 def lock_store_for(workdir: str | os.PathLike) -> LockStore:
-    """The store for a workdir: a local file, until bucket workdirs get a GCS store."""
-    text = os.fspath(workdir)
-    if "://" in text:
-        raise WorkdirLockedError(
-            f"cannot lock {text}: only local (or NFS) workdirs have a lock store so far"
-        )
+    """The store for a workdir: an object for a gs:// URL, a file otherwise."""
+    text = storage.check_path(workdir, "workdir")
+    if storage.is_remote(text):
+        return GcsLockStore(text.rstrip("/"))
     return LocalLockStore(text)
 
 
@@ -269,7 +295,8 @@ class WorkdirLock:
         data = mine.to_bytes()
         # A few rounds: the holder may release between our read and our write.
         for _ in range(5):
-            if self.store.create(data):
+            version = self.store.create(data)
+            if version is not None:
                 break
             current = self.store.read()
             if current is None:
@@ -284,12 +311,13 @@ class WorkdirLock:
                     f"{self.stale_after:.0f} s, is taken over automatically "
                     f"(lock: {self.store.description})"
                 )
-            if self.store.replace(data, current[1]):
+            version = self.store.replace(data, current[1])
+            if version is not None:
                 logger.warning("took over the stale lock %s: %s", self.store.description, reason)
                 break
         else:
             raise WorkdirLockedError(f"could not take the lock {self.store.description}")
-        self._record, self._version = mine, data
+        self._record, self._version = mine, version
         self._stop.clear()
         self._thread = threading.Thread(target=self._beat, name="workdir-lock", daemon=True)
         self._thread.start()
@@ -306,8 +334,8 @@ class WorkdirLock:
             except OSError as e:  # a full disk must not kill the thread: try again later
                 logger.warning("could not refresh %s: %s", self.store.description, e)
                 return
-            if replaced:
-                self._record, self._version = record, data
+            if replaced is not None:
+                self._record, self._version = record, replaced
             else:
                 self.lost = True
                 logger.error("another run took over the lock %s", self.store.description)

@@ -35,17 +35,19 @@ def read(url: str) -> tuple[bytes, int] | None:
     raise gcs.translate(OSError(f"{url} kept changing while it was read"), url)
 
 
-def write_if(url: str, data: bytes, generation: int) -> bool:
-    """Writes `data` if the object is at `generation` (0: absent); False when it is not."""
+def write_if(url: str, data: bytes, generation: int) -> int | None:
+    """Writes `data` if the object is at `generation` (0: absent) and returns the new
+    generation; None when the object is not at `generation`."""
     from google.api_core import exceptions
 
+    blob = _blob(url)
     try:
-        _blob(url).upload_from_string(data, if_generation_match=generation)
+        blob.upload_from_string(data, if_generation_match=generation)
     except exceptions.PreconditionFailed:
-        return False
+        return None
     except exceptions.GoogleAPICallError as e:
         raise gcs.translate(e, url) from None
-    return True
+    return int(blob.generation)
 
 
 def delete_if(url: str, generation: int) -> bool:
