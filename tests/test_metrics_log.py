@@ -119,3 +119,33 @@ def test_bad_values_and_corrupt_file(tmp_path):
     with pytest.raises(ValueError, match="line 2"):
         read_metrics(tmp_path)
     assert json.loads(path.read_text().splitlines()[0]) == {"step": 1}
+
+
+def test_bucket_workdir_rewrites_one_file_per_flush(gcs_bucket, tmp_path):
+    from debertina_jax import storage
+
+    workdir = f"{gcs_bucket}/run"
+    with MetricsLogger(workdir, total_steps=30, is_main_process=True, progress=False,
+                       flush_seconds=3600) as log:  # fmt: skip
+        log.update(1, {"loss": 3.0})
+        assert not storage.exists(f"{workdir}/metrics.jsonl")  # waits for flush_seconds
+        log.update(2, {"loss": 2.5})
+        log.flush()  # what the loop does before a checkpoint
+        assert [r["step"] for r in read_metrics(workdir)] == [1, 2]
+        log.log_eval(2, {"loss": 2.7})  # evaluations are uploaded at once
+        assert [r["split"] for r in read_metrics(workdir)] == ["train", "train", "eval"]
+        log.update(3, {"loss": 2.0})
+    assert [r["step"] for r in read_metrics(workdir)] == [1, 2, 2, 3]  # closing flushes
+
+    # A resume from step 2 drops the rows a killed run logged after its checkpoint.
+    with MetricsLogger(workdir, total_steps=30, start_step=2, is_main_process=True,
+                       progress=False) as log:  # fmt: skip
+        log.update(3, {"loss": 1.5})
+    rows = read_metrics(workdir, split="train")
+    assert [(r["step"], r["loss"]) for r in rows] == [(1, 3.0), (2, 2.5), (3, 1.5)]
+
+    local = tmp_path / "copy"
+    storage.copy_tree(workdir, str(local))
+    scalars = tensorboard_scalars(local)  # both runs' event files, the purge applied by order
+    assert scalars[("train/loss", 3)] == 1.5
+    assert scalars[("eval/loss", 2)] == pytest.approx(2.7)
