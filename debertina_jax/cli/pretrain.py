@@ -15,9 +15,7 @@ import logging
 import sys
 from pathlib import Path
 
-from debertina_jax.config import ConfigError, load_config
-
-CONFIG_IN_WORKDIR = "config.yaml"
+from debertina_jax.config import CONFIG_FILE, ConfigError, load_config
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -44,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("debertina_jax").setLevel(logging.INFO)
     workdir = Path(args.workdir)
-    config_path = args.config or workdir / CONFIG_IN_WORKDIR
+    config_path = args.config or workdir / CONFIG_FILE
     if args.config is None and not Path(config_path).is_file():
         print(f"error: no --config given and no {config_path} to resume from", file=sys.stderr)
         return 2

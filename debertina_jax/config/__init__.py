@@ -9,6 +9,7 @@ This package imports nothing else of debertina_jax: every layer above may read t
 
 from debertina_jax.config.model import ConfigError, DebertaV2Config
 from debertina_jax.config.run import (
+    CONFIG_FILE,
     CheckpointConfig,
     Config,
     DataConfig,
@@ -24,6 +25,7 @@ from debertina_jax.config.run import (
 )
 
 __all__ = [
+    "CONFIG_FILE",
     "CheckpointConfig",
     "Config",
     "ConfigError",
