@@ -1,18 +1,30 @@
 """Writing OUT atomically: everything goes into a hidden staging directory next to OUT, which is
 renamed into place only when complete, so an interrupted export never leaves a half-written
-model under OUT."""
+model under OUT.
+
+The hidden directories are named `.OUT.<host>-<pid>-<random>.tmp` (staging) and
+`.OUT.<host>-<pid>-<random>.old` (a replaced OUT, deleted once the new one is in place). An
+export killed with SIGKILL cannot clean up after itself, so the next export to the same OUT
+removes the ones whose process is gone (same host, pid no longer running), and says so. Those of
+a live process, or of another host, are left alone: another export may be writing them.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import re
 import shutil
+import socket
 import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 from debertina_jax.export.errors import OutputPathError
+
+log = logging.getLogger(__name__)
 
 
 def check_output(output: Path, overwrite: bool, workdir: Path) -> None:
@@ -37,7 +49,9 @@ def check_output(output: Path, overwrite: bool, workdir: Path) -> None:
 def staging_dir(output: Path) -> Iterator[Path]:
     """A fresh hidden directory beside `output`, deleted on the way out unless `publish`ed."""
     output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
+    remove_stale(output)
+    prefix = _hidden_prefix(output)
+    staging = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=output.parent))
     _umask_permissions(staging)
     try:
         yield staging
@@ -56,7 +70,7 @@ def publish(staging: Path, output: Path) -> None:
         _umask_permissions(path)
     old = None
     if output.exists():
-        old = output.with_name(f".{output.name}.old-{uuid.uuid4().hex[:8]}")
+        old = output.with_name(f"{_hidden_prefix(output)}{uuid.uuid4().hex[:8]}.old")
         os.rename(output, old)
     try:
         os.rename(staging, output)
@@ -66,6 +80,36 @@ def publish(staging: Path, output: Path) -> None:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_stale(output: Path) -> list[Path]:
+    """Deletes the hidden directories of earlier exports to `output` whose process is gone."""
+    pattern = re.compile(rf"^\.{re.escape(output.name)}\.(.+)-(\d+)-[^.]+\.(tmp|old)$")
+    removed = []
+    if not output.parent.is_dir():
+        return removed
+    for path in output.parent.iterdir():
+        match = pattern.match(path.name)
+        if match is None or match[1] != socket.gethostname() or _running(int(match[2])):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        log.warning("removed %s, left by an export that was killed (pid %s)", path, match[2])
+        removed.append(path)
+    return removed
+
+
+def _hidden_prefix(output: Path) -> str:
+    return f".{output.name}.{socket.gethostname()}-{os.getpid()}-"
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
 
 
 def _umask_permissions(path: Path) -> None:
