@@ -129,6 +129,18 @@ class Loader:
         self._iterator.set_state(state["grain"])
 
 
+def line_stream(
+    num_lines: int, seed: int, *, shuffle: bool = True, num_epochs: int | None = None
+) -> grain.MapDataset:
+    """The global stream of line numbers: every epoch a new permutation of the lines (a
+    shuffled MapDataset keeps the epoch in its index arithmetic); batches run across epoch
+    boundaries. Shared with the phase loader (data/phased.py), which cuts the same stream."""
+    stream = grain.MapDataset.range(num_lines)
+    if shuffle:
+        stream = stream.shuffle(seed=seed)
+    return stream.repeat(num_epochs)
+
+
 def make_loader(
     data_dir: str | Path,
     split: str,
@@ -158,12 +170,7 @@ def make_loader(
         raise LoaderError(f"seed must be in [0, 2**32), got {seed}")
     if num_epochs is not None and num_epochs < 1:
         raise LoaderError(f"num_epochs must be >= 1 or None, got {num_epochs}")
-    # The global stream: every epoch a new permutation of the lines (a shuffled MapDataset
-    # keeps the epoch in its index arithmetic), batches running across epoch boundaries.
-    stream = grain.MapDataset.range(info.num_lines)
-    if shuffle:
-        stream = stream.shuffle(seed=seed)
-    stream = stream.repeat(num_epochs)
+    stream = line_stream(info.num_lines, seed, shuffle=shuffle, num_epochs=num_epochs)
     # Process p takes rows [p*b, (p+1)*b) of every global batch of B = shard_count * b lines,
     # so the global batch (and with it every mask and loss) is the same for any number of
     # processes, and the processes' slices never overlap.
