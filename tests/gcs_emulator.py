@@ -9,7 +9,9 @@ gcsfs and TensorStore use. What it lacks, and real GCS has, is added here in fro
   TensorStore uses them too; the emulator ignores them.
 - concurrent connections: requests are accepted by a thread each (TensorStore opens many at
   once), then handled one at a time (the emulator's store is not thread-safe).
-- deleted objects are gone at once (the emulator keeps them 7 days, in memory).
+- deleted objects are gone at once (the emulator keeps them 7 days, in memory);
+- a download says the object's generation (x-goog-generation), as GCS does: TensorStore reads
+  it to tell which version of an OCDBT manifest it read, and fails without it.
 
 And two ways for a test to make the server fail as a real bucket can:
 - every request on a bucket whose name starts with `denied-` gets 403, as GCS answers a caller
@@ -96,6 +98,17 @@ def _send(handler: server.BaseHTTPRequestHandler, status: int, message: str) -> 
     handler.wfile.write(body)
 
 
+_download = emulator.objects.download
+
+
+def _download_with_generation(request, response, storage, *args, **kwargs):
+    _download(request, response, storage, *args, **kwargs)
+    obj = storage.objects.get(request.params["bucket_name"], {}).get(request.params["object_id"])
+    if obj is not None:
+        response["x-goog-generation"] = obj["generation"]
+        response["x-goog-metageneration"] = obj.get("metageneration", "1")
+
+
 _handle = emulator.Router.handle
 
 
@@ -132,6 +145,11 @@ def main() -> None:
     Storage._bucket_soft_delete_retention_seconds = _no_soft_delete
     Storage._write_config_to_file = lambda self: None  # its on-disk state file: unused here
     emulator.Router.handle = _guarded_handle
+    emulator.objects.download = _download_with_generation  # what objects.get calls
+    for _, handlers in emulator.HANDLERS:  # the download route holds the function itself
+        for method, handler in handlers.items():
+            if handler is _download:
+                handlers[method] = _download_with_generation
     storage = Storage(use_memory_fs=True)
 
     class Server(server.ThreadingHTTPServer):

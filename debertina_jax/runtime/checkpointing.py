@@ -8,13 +8,15 @@
 
 A step directory appears only when all of it is written (orbax writes into a temporary
 directory and renames it), so a run killed mid-save leaves the previous checkpoint as the
-latest one. All processes must call `save` and `restore` together. In a multi-host run,
-WORKDIR must be a filesystem every host sees (a GCS bucket or NFS).
+latest one (on GCS, which has no rename, orbax marks a finished step with commit_success.txt).
+All processes must call `save` and `restore` together. In a multi-host run, WORKDIR must be
+storage every host sees: a gs:// bucket (orbax writes it natively) or NFS.
 
 Failures are turned into one clear error each, without orbax's pages of tracebacks:
 - a save that fails (full disk, lost permissions) raises CheckpointSaveError, naming the
   checkpoint and the last good one, from `check` (the training loop calls it every step, so
   a background save failure stops the run at once), `save`, `wait` or `close`;
+  `retry_save` then saves the caller's current state again, `save_retries` times at most;
 - `restore_newest_readable` skips checkpoints that cannot be read (truncated, corrupted),
   moves each aside to <step>.unreadable (never deleting one) and says so; a checkpoint of
   another state structure (a changed model) is an error, not something to skip.
@@ -30,12 +32,15 @@ import os
 import re
 import sys
 import threading
+import time
 from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+
+from debertina_jax import storage
 
 DataState = Any  # a JSON value (dict, list, str, number, None) or bytes
 UNREADABLE_SUFFIX = ".unreadable"
@@ -240,14 +245,20 @@ class Checkpointer:
         keep: int,
         async_save: bool = True,
         read_only: bool = False,
+        save_retries: int = 2,
+        retry_delay: float = 5.0,
     ) -> None:
         if every_steps < 1:
             raise ValueError(f"checkpoint.every_steps must be >= 1, got {every_steps}")
         if keep < 1:
             raise ValueError(f"checkpoint.keep must be >= 1, got {keep}")
+        if save_retries < 0:
+            raise ValueError(f"checkpoint.save_retries must be >= 0, got {save_retries}")
         self.every_steps = every_steps
+        self.save_retries = save_retries
+        self.retry_delay = retry_delay
         # orbax refuses relative paths; a workdir like runs/tiny is relative to the cwd.
-        self.directory = epath.Path(os.path.abspath(workdir)) / "checkpoints"
+        self.directory = epath.Path(storage.absolute(workdir)) / "checkpoints"
         if read_only and not self.directory.exists():
             raise CheckpointNotFoundError(
                 f"no checkpoints in {workdir}: {self.directory} is missing"
@@ -312,6 +323,7 @@ class Checkpointer:
             raise ValueError(f"meta['step'] is {meta['step']} but the checkpoint is for {step}")
         self.wait()  # the previous save first: its failure is reported as its own
         self._pending = step
+        self._failed = False
         _ORBAX_ERRORS.active += 1
         try:
             started = self._manager.save(
@@ -328,6 +340,34 @@ class Checkpointer:
         if not self._manager.is_saving_in_progress():
             self._settle()  # a synchronous save: confirm it now
         return started
+
+    def retry_save(
+        self,
+        step: int,
+        state: Any,
+        data_state: DataState,
+        meta: dict[str, Any],
+        failure: CheckpointSaveError,
+    ) -> None:
+        """After `failure` (a save that failed), saves `state` as checkpoint `step`, waiting
+        for each attempt, up to `save_retries` times with growing pauses (a storage error is
+        often brief); raises the last CheckpointSaveError, which names the last good
+        checkpoint, when every attempt fails."""
+        for attempt in range(1, self.save_retries + 1):
+            delay = self.retry_delay * 2 ** (attempt - 1)
+            logger.warning(
+                "%s Retrying the checkpoint of step %d in %.0f s (%d of %d).",
+                failure, step, delay, attempt, self.save_retries,
+            )  # fmt: skip
+            time.sleep(delay)
+            try:
+                self.save(step, state, data_state, meta, force=True)
+                self.wait()
+                logger.warning("the checkpoint of step %d was written on retry %d", step, attempt)
+                return
+            except CheckpointSaveError as e:
+                failure = e
+        raise failure
 
     def check(self) -> None:
         """Raises CheckpointSaveError if a background save has failed; never waits.
@@ -483,7 +523,9 @@ class Checkpointer:
             n += 1
             target = self.directory / f"{step}{UNREADABLE_SUFFIX}-{n}"
         if jax.process_index() == 0:
-            source.rename(target)
+            # On GCS a copy of every file, then the deletion of the original: commit marker
+            # first, so orbax stops listing the step before any of it is gone.
+            storage.move_tree(str(source), str(target), last="commit_success.txt")
         _sync_processes(f"debertina_jax: checkpoint {step} set aside")
         self._manager.reload()
         return target

@@ -125,6 +125,23 @@ def version(path: str | os.PathLike) -> str:
     return f"{info['size']}-{info['generation']}"
 
 
+def versions(path: str | os.PathLike) -> dict[str, str]:
+    """{name: version (as `version` gives it)} of the files directly under `path`, from one
+    listing (one request on GCS, however many files)."""
+    path = check_path(path)
+    if not is_remote(path):
+        return {e.name: version(e.path) for e in os.scandir(path) if e.is_file()}
+    with _translated(path):
+        fs = gcs.filesystem()
+        fs.invalidate_cache(_key(path))
+        entries = fs.ls(_key(path), detail=True)
+    return {
+        e["name"].rsplit("/", 1)[-1]: f"{e['size']}-{e['generation']}"
+        for e in entries
+        if e.get("type") == "file"
+    }
+
+
 def listdir(path: str | os.PathLike) -> list[str]:
     """The names directly under `path` (files and sub-directories), sorted."""
     path = check_path(path)
@@ -185,6 +202,7 @@ def remove_tree(path: str | os.PathLike) -> None:
         return
     for url in walk_files(path):
         remove(url)
+    _forget_listings()
 
 
 def copy(source: str | os.PathLike, target: str | os.PathLike) -> None:
@@ -234,6 +252,13 @@ def move_tree(source: str | os.PathLike, target: str | os.PathLike, *, last: str
     first = [r for r in relative if r == last]
     for rel in first + [r for r in relative if r != last]:
         remove(join(source, *rel.split("/")))
+    _forget_listings()
+
+
+def _forget_listings() -> None:
+    """gcsfs caches directory listings, and orbax (through etils.epath) lists with the same
+    filesystem object: after a change of many files, every cached listing goes."""
+    gcs.filesystem().invalidate_cache()
 
 
 def _relative(path: str, root: str) -> str:

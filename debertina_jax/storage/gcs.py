@@ -52,11 +52,12 @@ def configure() -> None:
 
 
 def filesystem() -> Any:
-    """The gcsfs filesystem (fsspec caches one instance per set of options)."""
+    """The gcsfs filesystem: the very instance orbax's etils.epath uses (fsspec caches one per
+    set of arguments, and these are epath's), so that both see one cache of listings."""
     configure()
     import fsspec
 
-    return fsspec.filesystem("gs")
+    return fsspec.filesystem("gcs", finalize_on_close=True)
 
 
 @functools.cache
