@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from debertina_jax import storage
 from debertina_jax.config.checks import ConfigError, check_choice, coerce
 from debertina_jax.config.model import DebertaV2Config
 
@@ -46,8 +47,8 @@ class DataConfig:
     """Where the text comes from, how it is tokenized, packed and masked."""
 
     source: str = "files"  # files | tfds | hf
-    # Local text (.txt, .jsonl, .json.gz, .parquet; globs and directories). Empty: the
-    # sample corpus that ships with the package.
+    # Text files (.txt, .jsonl, .json.gz, .parquet; globs and directories), local or gs://
+    # (read in place, never copied whole). Empty: the sample corpus shipped with the package.
     train_files: tuple[str, ...] = ()
     encoding: str = "utf-8"
     errors: str = "strict"  # strict | replace | ignore: what to do with undecodable bytes
@@ -62,6 +63,9 @@ class DataConfig:
     vocab_size: int = 128000
     tokenizer_dir: str | None = None  # None: WORKDIR/tokenizer, trained when missing
     prepared_dir: str | None = None  # None: WORKDIR/data, prepared when missing
+    # Where each host keeps its copy of gs:// prepared shards (checked against metadata.json
+    # at every start). None: $DEBERTINA_CACHE, else ~/.cache/debertina_jax.
+    cache_dir: str | None = None
     max_seq_length: int = 512
     eval_lines: int = 256  # packed lines held out for evaluation
     prepare_workers: int = 0  # 0: one per CPU core
@@ -116,10 +120,25 @@ class TrainConfig:
     eval_every_steps: int = 100
     eval_batches: int = 4
     max_consecutive_nonfinite: int = 5  # skipped updates in a row before the run stops
+    # The PRNG behind masking, sampling and dropout: threefry (JAX's default) or the cheaper
+    # rbg / unsafe_rbg (XLA's RngBitGenerator; MaxText's choice on TPU). Any of them resumes
+    # exactly; changing it mid-run changes the random stream from there on.
+    prng_impl: str = "threefry"
+    # [start, stop]: a jax.profiler trace of steps start..stop-1 in WORKDIR/profile (XProf).
+    profile_steps: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         check_choice("train.dtype", self.dtype, ("float32", "bfloat16"))
         check_choice("train.remat", self.remat, ("none", "full", "dots"))
+        check_choice("train.prng_impl", self.prng_impl, ("threefry", "rbg", "unsafe_rbg"))
+        if (
+            self.profile_steps is not None
+            and not 1 <= self.profile_steps[0] < self.profile_steps[1]
+        ):
+            raise ConfigError(
+                f"train.profile_steps must be [start, stop] with 1 <= start < stop, got "
+                f"{list(self.profile_steps)}"
+            )
         for name in ("steps", "batch_size", "log_every_steps", "eval_every_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
@@ -149,6 +168,8 @@ class CheckpointConfig:
     every_steps: int = 1000
     keep: int = 3
     async_save: bool = True
+    save_retries: int = 2  # a failed save is tried again this often before the run stops
+    retry_delay: float = 5.0  # seconds before the first retry, doubling after each
 
     def __post_init__(self) -> None:
         for name in ("every_steps", "keep"):
@@ -286,13 +307,20 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
+# A run keeps its config here (WORKDIR/config.yaml), so that a resume may leave out --config.
+CONFIG_FILE = "config.yaml"
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
-    """Reads a YAML config file, applies overrides, and validates everything."""
-    path = Path(path)
-    if not path.is_file():
+    """Reads a YAML config file (local or gs://), applies overrides, and validates everything."""
+    try:
+        path = storage.check_path(path, "config")
+    except storage.StoragePathError as e:
+        raise ConfigError(str(e)) from None
+    if not storage.is_file(path):
         raise ConfigError(f"config file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = yaml.safe_load(storage.read_text(path)) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     try:

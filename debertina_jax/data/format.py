@@ -25,6 +25,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from debertina_jax import storage
+
 FORMAT_VERSION = 1
 METADATA_FILE = "metadata.json"
 SPLITS = ("train", "eval")
@@ -70,14 +72,15 @@ def write_metadata(directory: str | os.PathLike, metadata: dict[str, Any]) -> No
 
 
 def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
-    """metadata.json of a prepared directory, checked for the keys every reader relies on."""
-    path = Path(directory) / METADATA_FILE
-    if not path.is_file():
+    """metadata.json of a prepared directory (local or gs://), checked for the keys every
+    reader relies on."""
+    path = storage.join(directory, METADATA_FILE)
+    if not storage.is_file(path):
         raise FileNotFoundError(
             f"{path} not found: prepare the data with python -m debertina_jax.data.prepare"
         )
     try:
-        metadata = json.loads(path.read_text())
+        metadata = json.loads(storage.read_text(path))
     except json.JSONDecodeError as e:
         raise PreparedDataError(f"{path} is not valid JSON: {e}") from None
     if metadata.get("format_version") != FORMAT_VERSION:

@@ -35,6 +35,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from debertina_jax import storage
+from debertina_jax.data import cache
 from debertina_jax.data import format as fmt
 from debertina_jax.data.sources import DocumentSource, EmptyCorpusError, WorkUnit
 from debertina_jax.data.text import split_long_text
@@ -375,15 +377,30 @@ def prepare(
     max_document_chars: int = MAX_DOCUMENT_CHARS,
     overwrite: bool = False,
     show_progress: bool = True,
+    cache_dir: str | None = None,
 ) -> dict[str, Any]:
-    """Tokenizes `source` and writes packed train/eval shards to `output_dir`; returns metadata.
+    """Tokenizes `source` and writes packed train/eval shards to `output_dir` (local or gs://;
+    see data/cache.py for `cache_dir`); returns metadata.
 
     Eval split: `eval_lines` lines, or `eval_fraction` of the lines, drawn at random (seeded);
     neither given: 1% of the lines, at most 10,000, never all of them. Running again after a
     kill resumes; running again after success with the same settings returns the metadata.
     """
     _check_settings(max_seq_length, eval_lines, eval_fraction, lines_per_shard, max_document_chars)
-    tokenizer_dir, output_dir = Path(tokenizer_dir), Path(output_dir)
+    tokenizer_dir = storage.check_path(tokenizer_dir, "tokenizer directory")
+    if storage.is_remote(storage.check_path(output_dir, "output directory")):
+        # ArrayRecord writes local files: prepare into this host's cache of the URL (where a
+        # killed run resumes, and where the loader reads from), then upload, metadata last.
+        staging = cache.cache_dir_for(os.fspath(output_dir), cache_dir)
+        metadata = prepare(
+            source, tokenizer_dir, staging, max_seq_length=max_seq_length,
+            eval_lines=eval_lines, eval_fraction=eval_fraction, lines_per_shard=lines_per_shard,
+            num_workers=num_workers, seed=seed, max_document_chars=max_document_chars,
+            overwrite=overwrite, show_progress=show_progress,
+        )  # fmt: skip
+        cache.upload(staging, os.fspath(output_dir))
+        return metadata
+    output_dir = Path(output_dir)
     tokenizer = Tokenizer.load(tokenizer_dir)
     units = source.units()
     unit_keys = [u.key for u in units]

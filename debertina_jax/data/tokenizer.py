@@ -36,8 +36,8 @@ from tokenizers import AddedToken, decoders, processors
 from tokenizers import Tokenizer as RustTokenizer
 from tokenizers.models import Unigram
 
+from debertina_jax import storage
 from debertina_jax.data import text as text_lib
-from debertina_jax.data.format import atomic_write
 from debertina_jax.data.sources import DocumentSource, EmptyCorpusError
 from debertina_jax.data.sources.local import LocalFiles
 
@@ -406,26 +406,31 @@ def _hf_config(mask_id: int) -> dict:
     }
 
 
-def export_tokenizer(model: bytes, output_dir: str | os.PathLike) -> Path:
-    """Writes spm.model, tokenizer.json, tokenizer_config.json and special_tokens_map.json."""
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+def export_tokenizer(model: bytes, output_dir: str | os.PathLike) -> Path | str:
+    """Writes spm.model, tokenizer.json, tokenizer_config.json and special_tokens_map.json
+    (into a local directory or under a gs:// URL), each file atomically."""
+    output_dir = storage.check_path(output_dir, "tokenizer directory")
+    storage.makedirs(output_dir)
     tokenizer = build_hf_tokenizer(model)
     mask_id = tokenizer.token_to_id(MASK)
     config = _hf_config(mask_id)
     special_map = {k: config[k] for k in ("bos_token", "eos_token", "unk_token", "sep_token")}
     special_map.update({k: config[k] for k in ("pad_token", "cls_token", "mask_token")})
-    atomic_write(output_dir / "spm.model", model)
-    atomic_write(output_dir / "tokenizer.json", tokenizer.to_str(pretty=True).encode())
-    atomic_write(output_dir / "tokenizer_config.json", json.dumps(config, indent=2).encode())
-    atomic_write(output_dir / "special_tokens_map.json", json.dumps(special_map, indent=2).encode())
-    return output_dir
+    files = {
+        "spm.model": model,
+        "tokenizer_config.json": json.dumps(config, indent=2).encode(),
+        "special_tokens_map.json": json.dumps(special_map, indent=2).encode(),
+        "tokenizer.json": tokenizer.to_str(pretty=True).encode(),  # last: it marks completion
+    }
+    for name, data in files.items():
+        storage.write_bytes(storage.join(output_dir, name), data)
+    return output_dir if storage.is_remote(output_dir) else Path(output_dir)
 
 
 class Tokenizer:
     """The exported tokenizer as the data pipeline uses it (tokenizer.json, no transformers)."""
 
-    def __init__(self, backend: RustTokenizer, path: Path | None = None):
+    def __init__(self, backend: RustTokenizer, path: Path | str | None = None):
         self.backend = backend
         self.path = path
         ids = {t: backend.token_to_id(t) for t in (PAD, CLS, SEP, UNK, MASK)}
@@ -441,12 +446,15 @@ class Tokenizer:
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> Tokenizer:
-        path = Path(directory) / "tokenizer.json"
-        if not path.is_file():
+        """The tokenizer.json of a directory, local or gs://."""
+        directory = storage.check_path(directory, "tokenizer directory")
+        path = storage.join(directory, "tokenizer.json")
+        if not storage.is_file(path):
             raise FileNotFoundError(
                 f"{path} not found: train a tokenizer with python -m debertina_jax.cli.tokenizer"
             )
-        return cls(RustTokenizer.from_file(str(path)), Path(directory))
+        where = directory if storage.is_remote(directory) else Path(directory)
+        return cls(RustTokenizer.from_str(storage.read_text(path)), where)
 
     @property
     def vocab_size(self) -> int:

@@ -14,7 +14,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from debertina_jax import storage
 from debertina_jax.config import Config, DataConfig
+from debertina_jax.data import cache
 from debertina_jax.data import format as fmt
 from debertina_jax.data.prepare import prepare
 from debertina_jax.data.sources import DocumentSource
@@ -46,18 +48,28 @@ def source_from_config(data: DataConfig) -> DocumentSource:
 
 @dataclass(frozen=True)
 class PreparedData:
-    tokenizer_dir: Path
-    data_dir: Path
+    tokenizer_dir: Path | str  # as configured: local, or a gs:// URL
+    data_dir: Path  # local: the prepared directory itself, or this host's copy of a gs:// one
     tokenizer: Tokenizer
     metadata: dict[str, Any]
+    source_dir: Path | str | None = None  # where the prepared data lives (gs:// or data_dir)
 
 
-def data_paths(config: Config, workdir: str | Path) -> tuple[Path, Path]:
-    """(tokenizer_dir, prepared_dir) of a run: the config's, or inside the workdir."""
-    workdir = Path(workdir)
-    tokenizer_dir = Path(config.data.tokenizer_dir or workdir / "tokenizer")
-    data_dir = Path(config.data.prepared_dir or workdir / "data")
-    return tokenizer_dir, data_dir
+def data_paths(config: Config, workdir: str | Path) -> tuple[Path | str, Path | str]:
+    """(tokenizer_dir, prepared_dir) of a run: the config's, or inside the workdir; Paths for
+    local directories, strings for gs:// URLs."""
+    workdir = storage.check_path(workdir, "workdir")
+    tokenizer = storage.check_path(
+        config.data.tokenizer_dir or storage.join(workdir, "tokenizer"), "data.tokenizer_dir"
+    )
+    prepared = storage.check_path(
+        config.data.prepared_dir or storage.join(workdir, "data"), "data.prepared_dir"
+    )
+    return _typed(tokenizer), _typed(prepared)
+
+
+def _typed(path: str) -> Path | str:
+    return path if storage.is_remote(path) else Path(path)
 
 
 def ensure_data(
@@ -66,11 +78,12 @@ def ensure_data(
     """Trains the tokenizer and prepares the shards when missing; checks them against the config.
 
     With `prepare_missing=False` (the non-main hosts of a pod) nothing is written: the data
-    must already be there.
+    must already be there. Prepared data in a bucket is prepared in this host's cache and
+    uploaded, and read through a local copy per host (data/cache.py).
     """
     data = config.data
     tokenizer_dir, data_dir = data_paths(config, workdir)
-    if not (tokenizer_dir / "tokenizer.json").is_file():
+    if not storage.is_file(storage.join(tokenizer_dir, "tokenizer.json")):
         if not prepare_missing:
             raise FileNotFoundError(f"no tokenizer in {tokenizer_dir}")
         logger.info("training a %d-piece tokenizer into %s", data.vocab_size, tokenizer_dir)
@@ -90,10 +103,11 @@ def ensure_data(
             f"model.vocab_size is {config.model.vocab_size}: raise model.vocab_size or use a "
             "smaller tokenizer"
         )
-    if not (data_dir / fmt.METADATA_FILE).is_file():
+    remote = storage.is_remote(data_dir)
+    if not storage.is_file(storage.join(data_dir, fmt.METADATA_FILE)):
         if not prepare_missing:
             raise FileNotFoundError(f"no prepared data in {data_dir}")
-        prepare(
+        prepare(  # to a bucket: prepared in this host's cache, then uploaded (prepare.py)
             source_from_config(data),
             tokenizer_dir,
             data_dir,
@@ -101,6 +115,8 @@ def ensure_data(
             eval_lines=data.eval_lines,
             num_workers=data.prepare_workers or None,
             seed=config.train.seed,
+            cache_dir=data.cache_dir,
         )
-    metadata = fmt.check_compatible(data_dir, tokenizer, max_seq_length=data.max_seq_length)
-    return PreparedData(tokenizer_dir, data_dir, tokenizer, metadata)
+    local = cache.local_copy(data_dir, root=data.cache_dir) if remote else data_dir
+    metadata = fmt.check_compatible(local, tokenizer, max_seq_length=data.max_seq_length)
+    return PreparedData(tokenizer_dir, Path(local), tokenizer, metadata, data_dir)

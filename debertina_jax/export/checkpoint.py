@@ -19,6 +19,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from debertina_jax import storage
 from debertina_jax.config import Config, config_from_dict
 from debertina_jax.data.workdir import data_paths
 from debertina_jax.model.electra import ElectraPair
@@ -47,7 +48,7 @@ class PretrainedCheckpoint:
     generator: DebertaV2ForMaskedLM
     discriminator: DebertaV2ForReplacedTokenDetection  # GDES embedding merged
     config: Config
-    tokenizer_dir: Path
+    tokenizer_dir: Path | str  # a Path, or a gs:// URL
     step: int
     meta: dict[str, Any]
     # The enhanced mask decoder's absolute position table (None without an EMD): the
@@ -60,8 +61,9 @@ class PretrainedCheckpoint:
 
 
 def load_checkpoint(workdir: str | os.PathLike, step: int | None = None) -> PretrainedCheckpoint:
-    """Restores checkpoint `step` (default: the latest) of the run in `workdir` on the CPU."""
-    workdir = Path(workdir)
+    """Restores checkpoint `step` (default: the latest) of the run in `workdir` (a directory
+    or a gs:// URL) on the CPU."""
+    workdir = storage.check_path(workdir, "workdir")
     # The config is stored in the checkpoint itself, so read its metadata first.
     meta = read_checkpoint_meta(workdir, step)
     try:
@@ -86,7 +88,9 @@ def load_checkpoint(workdir: str | os.PathLike, step: int | None = None) -> Pret
         )
 
 
-def _restore_pair(workdir: Path, step: int, config: Config, device: jax.Device) -> ElectraPair:
+def _restore_pair(
+    workdir: Path | str, step: int, config: Config, device: jax.Device
+) -> ElectraPair:
     """The run's pair (its structure from the config, nothing allocated) filled with the
     checkpoint's parameters on `device`."""
     abstract = nnx.eval_shape(lambda: build_pair(config, config.train.seed))
@@ -113,9 +117,10 @@ class ExportSource(PretrainedCheckpoint):
 
 def load_source(workdir: str | os.PathLike, step: int | None = None) -> ExportSource:
     """Restores checkpoint `step` (default: the latest) of `workdir` onto one CPU device."""
-    workdir = Path(workdir)
+    workdir = storage.check_path(workdir, "workdir")
     run = load_checkpoint(workdir, step)
-    missing = [n for n in TOKENIZER_FILES[:2] if not (run.tokenizer_dir / n).is_file()]
+    tokenizer = run.tokenizer_dir
+    missing = [n for n in TOKENIZER_FILES[:2] if not storage.is_file(storage.join(tokenizer, n))]
     if missing:
         raise FileNotFoundError(
             f"the run's tokenizer directory {run.tokenizer_dir} lacks {', '.join(missing)}"
@@ -123,7 +128,7 @@ def load_source(workdir: str | os.PathLike, step: int | None = None) -> ExportSo
     return ExportSource(**vars(run), eval_metrics=_last_eval(workdir, run.step))
 
 
-def _last_eval(workdir: Path, step: int) -> dict[str, Any] | None:
+def _last_eval(workdir: Path | str, step: int) -> dict[str, Any] | None:
     try:
         rows = [r for r in read_metrics(workdir, split="eval") if r.get("step", 0) <= step]
     except (FileNotFoundError, ValueError) as e:

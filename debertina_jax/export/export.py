@@ -24,20 +24,28 @@ ignores on load, and the safetensors metadata says the file holds an EMD generat
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
-import shutil
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from debertina_jax import storage
 from debertina_jax.export.card import README_NAME, model_card, parameter_counts
 from debertina_jax.export.cast import cast_tensors, check_dtype
 from debertina_jax.export.checkpoint import TOKENIZER_FILES, ExportSource, load_source
 from debertina_jax.export.errors import ExportError
-from debertina_jax.export.publish import check_output, publish, staging_dir
+from debertina_jax.export.publish import (
+    check_output,
+    check_remote_output,
+    publish,
+    staging_dir,
+    upload,
+)
 from debertina_jax.export.spec import MODELS, SPECS, ModelSpec
 from debertina_jax.export.verify import Check, VerificationError, verify
 from debertina_jax.hf.convert import model_to_state_dict
@@ -55,9 +63,9 @@ EMD_WARNING = (
 
 @dataclass
 class ExportResult:
-    output: Path
+    output: Path | str  # a Path, or a gs:// URL
     step: int
-    directories: dict[str, Path]
+    directories: dict[str, Path | str]
     checks: list[Check] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
@@ -83,8 +91,20 @@ def export(
     if unknown or not models:
         raise ExportError(f"models must be a non-empty subset of {MODELS}, got {list(models)}")
     specs = [SPECS[m] for m in models]
+    workdir = storage.check_path(workdir, "--workdir")
+    if storage.is_remote(storage.check_path(output, "--output")):
+        # A bucket: exported to a local directory, verified there, then uploaded.
+        output = str(output).rstrip("/")
+        check_remote_output(output, overwrite, workdir)
+        with tempfile.TemporaryDirectory(prefix="debertina-export-") as local:
+            result = export(workdir, Path(local) / "out", step=step, models=models,
+                            dtype=dtype, verify_outputs=verify_outputs)  # fmt: skip
+            upload(Path(local) / "out", output)
+        return dataclasses.replace(
+            result, output=output, directories={m: storage.join(output, m) for m in models}
+        )
     output = Path(output)
-    check_output(output, overwrite, Path(workdir))
+    check_output(output, overwrite, None if storage.is_remote(workdir) else Path(workdir))
     source = load_source(workdir, step)
 
     result = ExportResult(output, source.step, {m: output / m for m in models})
@@ -132,8 +152,8 @@ def write_model_dir(
         metadata={EMD_METADATA_KEY: str(emd).lower()} if spec.carries_emd else None,
     )
     for name in TOKENIZER_FILES:
-        if (source.tokenizer_dir / name).is_file():
-            shutil.copy2(source.tokenizer_dir / name, directory / name)
+        if storage.is_file(storage.join(source.tokenizer_dir, name)):  # local or gs://
+            storage.copy(storage.join(source.tokenizer_dir, name), str(directory / name))
     (directory / README_NAME).write_text(
         model_card(source, spec, config, parameter_counts(tensors, emd=emd), dtype)
     )

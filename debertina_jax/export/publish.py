@@ -22,15 +22,17 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+from debertina_jax import storage
 from debertina_jax.export.errors import OutputPathError
 
 log = logging.getLogger(__name__)
 
 
-def check_output(output: Path, overwrite: bool, workdir: Path) -> None:
+def check_output(output: Path, overwrite: bool, workdir: Path | None) -> None:
     """A file, a non-empty directory without `overwrite`, or a directory holding the run itself
-    (which `overwrite` would delete) is refused before any work."""
-    if output.resolve() in (workdir.resolve(), *workdir.resolve().parents):
+    (which `overwrite` would delete) is refused before any work. `workdir` None: the run is
+    in a bucket, nothing local to protect."""
+    if workdir is not None and output.resolve() in (workdir.resolve(), *workdir.resolve().parents):
         raise OutputPathError(
             f"output directory {output} holds the run {workdir}; choose another directory"
         )
@@ -117,3 +119,25 @@ def _umask_permissions(path: Path) -> None:
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def check_remote_output(output: str, overwrite: bool, workdir: str) -> None:
+    """`check_output` for a gs:// OUT: not the run's own prefix, empty unless `overwrite`."""
+    if workdir.rstrip("/").startswith(output.rstrip("/") + "/") or workdir == output:
+        raise OutputPathError(f"output {output} holds the run {workdir}; choose another place")
+    if storage.walk_files(output) and not overwrite:
+        raise OutputPathError(
+            f"output {output} is not empty; pass --overwrite (overwrite=True) to replace it"
+        )
+
+
+def upload(staging: Path, output: str) -> None:
+    """Copies a finished export to a gs:// OUT. GCS has no rename, so it cannot appear at once:
+    each model's config.json goes last, so a model directory without one is an upload that did
+    not finish (transformers refuses it) rather than a model with missing weights."""
+    storage.remove_tree(output)  # an earlier export there (check_remote_output allowed it)
+    files = sorted(p for p in staging.rglob("*") if p.is_file())
+    files.sort(key=lambda p: p.name == "config.json")
+    for path in files:
+        relative = path.relative_to(staging).as_posix()
+        storage.copy(str(path), storage.join(output, *relative.split("/")))

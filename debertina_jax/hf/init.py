@@ -2,6 +2,7 @@
 
     init.discriminator_from_hf: DIR   # our export's OUT/discriminator, a deberta-v3 download...
     init.generator_from_hf: DIR       # our export's OUT/generator
+(DIR may be a gs:// URL: it is read through a temporary local copy.)
 
 `init_pair_from_hf` overwrites the freshly initialised parameters of a pair with the tensors of
 those directories, keeping every parameter's dtype and sharding (it only writes to the devices,
@@ -28,10 +29,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from debertina_jax import storage
 from debertina_jax.config import Config, generator_model_config
 from debertina_jax.config.model import DebertaV2Config
 from debertina_jax.hf.convert import hf_shapes, params_from_state_dict
@@ -76,9 +79,9 @@ def init_pair_from_hf(pair: ElectraPair, config: Config) -> None:
     """Loads config.init.generator_from_hf and config.init.discriminator_from_hf into `pair`."""
     generator = emd_positions = discriminator = None
     if config.init.generator_from_hf:
-        generator, emd_positions = _generator(pair, config, Path(config.init.generator_from_hf))
+        generator, emd_positions = _generator(pair, config, config.init.generator_from_hf)
     if config.init.discriminator_from_hf:
-        discriminator = _discriminator(pair, config, Path(config.init.discriminator_from_hf))
+        discriminator = _discriminator(pair, config, config.init.discriminator_from_hf)
     pair.import_weights(
         generator=generator, discriminator=discriminator, emd_positions=emd_positions
     )
@@ -88,14 +91,22 @@ def init_pair_from_hf(pair: ElectraPair, config: Config) -> None:
 @dataclasses.dataclass
 class _HFDir:
     key: str  # the config key that named it, for messages
-    path: Path
+    path: Path | str  # a directory or a gs:// URL
     config: DebertaV2Config
     tensors: dict[str, np.ndarray]  # float32, backbone keys with the "deberta." prefix
     emd: bool | None  # what our export's metadata says; None: not written by us
 
 
-def _read_dir(key: str, path: Path) -> _HFDir:
+def _read_dir(key: str, path: str) -> _HFDir:
     where = f"{key}={path}"
+    if storage.is_remote(storage.check_path(path, key)):
+        # The HF readers (safetensors, torch) want local files: read a copy of the directory.
+        if not storage.is_dir(path):
+            raise FileNotFoundError(f"{where}: not a directory: {path}")
+        with tempfile.TemporaryDirectory(prefix="debertina-hf-") as local:
+            storage.copy_tree(path, local)
+            return dataclasses.replace(_read_dir(key, local), path=path)
+    path = Path(path)
     try:
         hf_config = read_hf_config(path)
         raw = read_hf_weights(path)
@@ -159,7 +170,7 @@ def _not_used(source: _HFDir, used: set[str]) -> None:
 
 # ---- the two models ------------------------------------------------------------------------------
 def _generator(
-    pair: ElectraPair, config: Config, path: Path
+    pair: ElectraPair, config: Config, path: str
 ) -> tuple[dict[ParamPath, np.ndarray], np.ndarray | None]:
     """(the generator's weights by parameter path of the standalone generator, the EMD position
     table or None), checked against the run."""
@@ -203,7 +214,7 @@ def _generator(
     return params_from_state_dict(standalone, source.tensors), positions
 
 
-def _discriminator(pair: ElectraPair, config: Config, path: Path) -> dict[ParamPath, np.ndarray]:
+def _discriminator(pair: ElectraPair, config: Config, path: str) -> dict[ParamPath, np.ndarray]:
     """The discriminator's weights by parameter path, checked against the run."""
     source = _read_dir("init.discriminator_from_hf", path)
     expected = hf_shapes(pair.discriminator)

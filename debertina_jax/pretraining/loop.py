@@ -9,12 +9,19 @@ What a run checks before it writes anything (docs/reliability.md): the batch fit
 no other run holds the workdir (runtime/workdir_lock.py), the prepared data fits the config,
 the checkpoint to resume from restores into this config's state. Only then is
 WORKDIR/config.yaml (re)written, so a refused command leaves the workdir as it was.
+
+WORKDIR and the data directories may be gs:// URLs (a pod's hosts share nothing else): every
+bucket the run names is checked first (it exists, these credentials may use it), before
+anything is compiled. A resumed run restores its checkpoint straight into the sharded layout
+of the state (nothing is initialised first, so the parameters are in memory once).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,21 +32,26 @@ import jax
 import numpy as np
 import yaml
 
-from debertina_jax.config import Config, InitConfig
+from debertina_jax import storage
+from debertina_jax.config import CONFIG_FILE, Config, InitConfig
 from debertina_jax.data.loader import make_eval_loader, make_loader
-from debertina_jax.data.workdir import PreparedData, ensure_data
-from debertina_jax.pretraining.state import create_train_state, shardings_of
+from debertina_jax.data.workdir import PreparedData, data_paths, ensure_data
+from debertina_jax.pretraining.chips import peak_flops_per_second
+from debertina_jax.pretraining.flops import train_step_flops
+from debertina_jax.pretraining.state import abstract_train_state, create_train_state, shardings_of
 from debertina_jax.pretraining.step import make_eval_step, make_train_step, step_rng
 from debertina_jax.runtime import distributed
 from debertina_jax.runtime.batch_layout import check_batch_layout
-from debertina_jax.runtime.checkpointing import Checkpointer, short_reason
+from debertina_jax.runtime.checkpointing import Checkpointer, CheckpointSaveError, short_reason
 from debertina_jax.runtime.metrics_log import MetricsLogger
 from debertina_jax.runtime.sharding import batch_sharding, make_mesh
 from debertina_jax.runtime.workdir_lock import WorkdirLock, lock_store_for
 
 logger = logging.getLogger(__name__)
 
-CONFIG_FILE = "config.yaml"
+PROFILE_DIR = "profile"
+# train.prng_impl -> jax's name for it
+PRNG_IMPLS = {"threefry": "threefry2x32", "rbg": "rbg", "unsafe_rbg": "unsafe_rbg"}
 T = TypeVar("T")
 
 
@@ -49,7 +61,7 @@ class TrainingStopped(RuntimeError):
 
 @dataclass
 class RunResult:
-    workdir: Path
+    workdir: Path | str  # a Path, or a gs:// URL
     stage: str
     step: int = 0
     stopped_early: bool = False  # preempted (SIGTERM) or interrupted
@@ -60,19 +72,18 @@ class RunResult:
         if self.stage != "all":
             return f"{self.stage} ready in {self.workdir}"
         how = "stopped early (resume with the same command)" if self.stopped_early else "finished"
-        text = f"training {how} at step {self.step}; checkpoints in {self.workdir / 'checkpoints'}"
+        checkpoints = storage.join(self.workdir, "checkpoints")
+        text = f"training {how} at step {self.step}; checkpoints in {checkpoints}"
         if self.last_eval:
             shown = ", ".join(f"{k}={v:.4g}" for k, v in sorted(self.last_eval.items()))
             text += f"\nlast eval: {shown}"
         return text
 
 
-def _write_config(config: Config, workdir: Path) -> None:
+def _write_config(config: Config, workdir: Path | str) -> None:
     """Keeps the run's config next to it, so `run_pretrain.py --workdir DIR` can resume."""
-    path = workdir / CONFIG_FILE
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
-    tmp.replace(path)
+    text = yaml.safe_dump(config.to_dict(), sort_keys=False)
+    storage.write_text(storage.join(workdir, CONFIG_FILE), text)  # atomic, local or gs://
 
 
 def _main_first(action: Callable[[], T], what: str) -> T | None:
@@ -96,11 +107,11 @@ def _main_first(action: Callable[[], T], what: str) -> T | None:
     return result
 
 
-def _lock(workdir: Path) -> WorkdirLock | None:
+def _lock(workdir: Path | str) -> WorkdirLock | None:
     """Process 0 takes the workdir's lock (creating the workdir); None on the others."""
 
     def take() -> WorkdirLock:
-        workdir.mkdir(parents=True, exist_ok=True)
+        storage.makedirs(workdir)
         lock = WorkdirLock(lock_store_for(workdir))
         lock.acquire()
         return lock
@@ -108,7 +119,7 @@ def _lock(workdir: Path) -> WorkdirLock | None:
     return _main_first(take, f"lock {workdir}")
 
 
-def _prepare(config: Config, workdir: Path) -> PreparedData:
+def _prepare(config: Config, workdir: Path | str) -> PreparedData:
     """Process 0 builds the tokenizer and shards; the others wait and then read them."""
     if jax.process_count() == 1:
         return ensure_data(config, workdir)
@@ -165,13 +176,32 @@ def evaluate(eval_step, state, prepared: PreparedData, config: Config, sharding)
     return {name: total / max(count, 1) for name, total in totals.items()}
 
 
+def check_storage(config: Config, workdir: str | Path) -> None:
+    """Every bucket the run will touch exists and may be used with these credentials; a
+    malformed gs:// path is refused. Cheap (one listing each), so it runs before anything."""
+    tokenizer_dir, data_dir = data_paths(config, workdir)
+    named = [("--workdir", workdir), ("data.tokenizer_dir", tokenizer_dir)]
+    named += [("data.prepared_dir", data_dir)]
+    named += [("data.train_files", f) for f in config.data.train_files]
+    named += [(f"init.{k}", v) for k, v in dataclasses.asdict(config.init).items() if v]
+    for key, path in named:
+        path = storage.check_path(path, key)
+        if storage.is_remote(path):
+            storage.check_access(path.split("*")[0].rsplit("/", 1)[0] if "*" in path else path)
+
+
 def pretrain(config: Config, workdir: str | Path, *, stage: str = "all") -> RunResult:
-    """Runs (or resumes) the pretraining described by `config` in `workdir`."""
-    workdir = Path(workdir)
+    """Runs (or resumes) the pretraining described by `config` in `workdir` (local or gs://)."""
+    workdir = storage.check_path(workdir, "workdir")
+    remote = storage.is_remote(workdir)
+    workdir = workdir.rstrip("/") if remote else Path(workdir)
+    check_storage(config, workdir)
+    # The PRNG of every key the run makes (masks, sampling, dropout, eval): set before any.
+    jax.config.update("jax_default_prng_impl", PRNG_IMPLS[config.train.prng_impl])
     distributed.maybe_initialize(config.mesh.distributed)
     mesh = make_mesh(config.mesh)
     check_batch_layout(config.train.batch_size, config.optimizer.grad_accum_steps, mesh)
-    created = not workdir.exists()
+    created = not remote and not workdir.exists()
     lock = _lock(workdir)
     try:
         prepared = _prepare(config, workdir)
@@ -189,9 +219,52 @@ def pretrain(config: Config, workdir: str | Path, *, stage: str = "all") -> RunR
                 workdir.rmdir()
 
 
+class _Profiler:
+    """A jax.profiler trace of steps [start, stop) (train.profile_steps) into
+    WORKDIR/profile/: traced to a local directory, then copied there (for a bucket too)."""
+
+    def __init__(self, steps: tuple[int, int] | None, workdir: Path | str) -> None:
+        self.steps = steps
+        self.target = storage.join(workdir, PROFILE_DIR)
+        self._local: str | None = None
+
+    def before(self, step: int) -> None:
+        if self.steps is not None and step == self.steps[0]:
+            self._local = tempfile.mkdtemp(prefix="debertina-profile-")
+            jax.profiler.start_trace(self._local)
+
+    def after(self, step: int, outputs: Any) -> None:
+        if self._local is not None and step + 1 == self.steps[1]:
+            jax.block_until_ready(outputs)
+            self.close()
+
+    def close(self) -> None:
+        if self._local is None:
+            return
+        local, self._local = self._local, None
+        jax.profiler.stop_trace()
+        storage.copy_tree(local, self.target)
+        shutil.rmtree(local, ignore_errors=True)
+        logger.info("profile of steps %s in %s", list(self.steps), self.target)
+
+
+def _throughput(config: Config, steps: int, elapsed: float) -> dict[str, float]:
+    """tokens/s, sequences/s and, on a device with a known peak (pretraining/chips.py), MFU."""
+    train = config.train
+    rows = {
+        "tokens_per_second": steps * train.batch_size * config.data.max_seq_length / elapsed,
+        "seq_per_second": steps * train.batch_size / elapsed,
+    }
+    peak = peak_flops_per_second(jax.devices()[0].device_kind)
+    if peak is not None:
+        flops = train_step_flops(config, train.batch_size, config.data.max_seq_length).total
+        rows["mfu"] = steps * flops / elapsed / (peak * jax.device_count())
+    return rows
+
+
 def _train(
     config: Config,
-    workdir: Path,
+    workdir: Path | str,
     mesh: jax.sharding.Mesh,
     prepared: PreparedData,
     result: RunResult,
@@ -211,11 +284,17 @@ def _train(
 
     try:
         resume = bool(checkpointer.all_steps())
-        # A resumed run takes its weights from the checkpoint: the HF directories of `init`
-        # are only read for a fresh start (and may be gone by now).
-        init_config = dataclasses.replace(config, init=InitConfig()) if resume else config
-        graphdef, state = create_train_state(init_config, mesh, train.seed)
-        state_shardings = shardings_of(state)
+        if resume:
+            # Straight into the sharded layout: no state is initialised only to be replaced
+            # (that would hold the parameters twice). The HF directories of `init` are only
+            # read for a fresh start (and may be gone by now).
+            graphdef, abstract, _ = abstract_train_state(
+                dataclasses.replace(config, init=InitConfig()), mesh, train.seed
+            )
+            state_shardings = shardings_of(abstract)
+        else:
+            graphdef, state = create_train_state(config, mesh, train.seed)
+            state_shardings = shardings_of(state)
         loader = make_loader(
             prepared.data_dir,
             "train",
@@ -226,11 +305,6 @@ def _train(
         closers.append(("data loader", loader.close))
         start = 0
         if resume:
-            abstract = jax.tree.map(
-                lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                state,
-                state_shardings,
-            )
             restored, start = checkpointer.restore_newest_readable(abstract)
             state = restored.state
             loader.set_state(restored.data_state)
@@ -246,6 +320,8 @@ def _train(
         tokens_per_step = train.batch_size * config.data.max_seq_length
         metrics_logger = MetricsLogger(workdir, total_steps=train.steps, start_step=start)
         closers.append(("metrics logger", metrics_logger.close))
+        profiler = _Profiler(train.profile_steps, workdir)
+        closers.append(("profiler", profiler.close))
         watcher = distributed.PreemptionWatcher(sync_every=train.log_every_steps)
         closers.append(("preemption watcher", watcher.close))
         bad_in_a_row = 0
@@ -255,12 +331,21 @@ def _train(
         def meta(step: int) -> dict[str, Any]:
             return {"config": config.to_dict(), "tokens_seen": step * tokens_per_step}
 
+        def retry(step: int, failure: CheckpointSaveError) -> None:
+            """A failed save: this step's state is saved again (a few times at most)."""
+            checkpointer.retry_save(step, state, loader.get_state(), meta(step), failure)
+
         for step in range(start + 1, train.steps + 1):
             batch = _global_batch(next(loader), sharding)
+            profiler.before(step)
             # A pure function of (seed, step): a resumed run draws the same masks and dropout.
             state, metrics = train_step(state, batch, step_rng(train.seed, step))
+            profiler.after(step, metrics)
             window_steps += 1
-            checkpointer.check()  # a save that failed in the background stops the run now
+            try:
+                checkpointer.check()  # a save that failed in the background: retried now
+            except CheckpointSaveError as failure:
+                retry(step, failure)
             if lock is not None and lock.lost:
                 raise TrainingStopped(
                     f"another run took over the lock of {workdir} (this one was stopped for "
@@ -283,7 +368,7 @@ def _train(
                 if step % train.log_every_steps == 0 or step == train.steps:
                     row = {k: float(v) for k, v in jax.device_get(metrics).items()}
                     elapsed = time.perf_counter() - window_start
-                    row["tokens_per_second"] = window_steps * tokens_per_step / elapsed
+                    row.update(_throughput(config, window_steps, elapsed))
                     row["tokens_seen"] = step * tokens_per_step
                     metrics_logger.update(step, row)
                     result.last_metrics = row
@@ -301,12 +386,21 @@ def _train(
 
             stop = watcher.should_stop(step)
             if checkpointer.should_save(step) or stop or step == train.steps:
-                checkpointer.save(step, state, loader.get_state(), meta(step), force=True)
+                # The rows up to a checkpoint are durable before it is (a bucket's metrics
+                # are uploaded in batches): a resume from it then misses none of them.
+                metrics_logger.flush()
+                try:
+                    checkpointer.save(step, state, loader.get_state(), meta(step), force=True)
+                except CheckpointSaveError as failure:
+                    retry(step, failure)
             result.step = step
             if stop:
                 result.stopped_early = True
                 break
-        checkpointer.wait()  # the last save: its failure is this run's error
+        try:
+            checkpointer.wait()  # the last save: its failure is this run's error
+        except CheckpointSaveError as failure:
+            retry(result.step, failure)
     except BaseException as failure:
         _close_all(closers, failure)
         raise

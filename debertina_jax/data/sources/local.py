@@ -1,4 +1,5 @@
-"""Local files: .txt, .jsonl, .jsonl.gz / .json.gz and .parquet, given as paths, globs or folders.
+"""Files: .txt, .jsonl, .jsonl.gz / .json.gz and .parquet, given as paths, globs or folders,
+local or in a bucket (gs://...: listed and read in place, block by block, never copied whole).
 
 - .txt: documents are separated by one or more blank lines (lines of ASCII whitespace only).
 - .jsonl, .jsonl.gz, .json.gz: one JSON object per line with the text in `text_key` ("text" in the
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from debertina_jax import storage
 from debertina_jax.data.sources import DocumentSource, SourceError, WorkUnit, missing_extra
 
 SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".json.gz", ".parquet")
@@ -38,21 +40,43 @@ DEFAULT_CHUNK_BYTES = 16 << 20
 _SEARCH_BYTES = 1 << 20  # how far past a chunk cut to look for a document boundary
 
 
-def _suffix(path: Path) -> str | None:
-    name = path.name.lower()
+def _suffix(path: Path | str) -> str | None:
+    name = storage.name(os.fspath(path)).lower()
     return next((s for s in SUFFIXES if name.endswith(s)), None)
 
 
-def find_files(inputs: Sequence[str | os.PathLike]) -> list[Path]:
-    """Expands paths, globs and folders (searched recursively) into a sorted, de-duplicated list."""
+def _find_remote(url: str) -> list[str]:
+    """find_files for one gs:// path, glob or folder."""
+    if glob.has_magic(url):
+        files = [m for m in storage.glob(url) if _suffix(m) and storage.is_file(m)]
+        if not files:
+            raise FileNotFoundError(f"no {'/'.join(SUFFIXES)} file matches {url!r}")
+    elif storage.is_file(url):
+        if not _suffix(url):
+            raise SourceError(f"{url}: unsupported file type (supported: {', '.join(SUFFIXES)})")
+        files = [url]
+    elif storage.is_dir(url):
+        files = [f for f in storage.walk_files(url) if _suffix(f)]
+        if not files:
+            raise FileNotFoundError(f"folder {url!r} holds no {'/'.join(SUFFIXES)} file")
+    else:
+        raise FileNotFoundError(f"input file {url!r} does not exist")
+    return files
+
+
+def find_files(inputs: Sequence[str | os.PathLike]) -> list[Path | str]:
+    """Expands paths, globs and folders (searched recursively) into a sorted, de-duplicated list:
+    Paths for local files, gs:// URLs as strings."""
     if isinstance(inputs, str | os.PathLike):
         inputs = [inputs]
     if not inputs:
         raise SourceError("no input given")
-    found: list[Path] = []
+    found: list[Path | str] = []
     for item in inputs:
-        text = os.fspath(item)
-        if glob.has_magic(text):
+        text = storage.check_path(item, "input")
+        if storage.is_remote(text):
+            found.extend(_find_remote(text))
+        elif glob.has_magic(text):
             matches = sorted(Path(m) for m in glob.glob(text, recursive=True))
             files = [m for m in matches if m.is_file() and _suffix(m)]
             if not files:
@@ -177,9 +201,10 @@ class TextChunk(WorkUnit):
         return codecs.lookup(self.encoding).name == "utf-8"
 
     def documents(self) -> Iterator[str]:
-        with open(self.path, "rb") as f:
+        size = storage.size(self.path)
+        with storage.open_file(self.path, "rb") as f:
             begin = _document_start(f, self.start)
-            stop = _document_start(f, self.end) if self.end < os.fstat(f.fileno()).st_size else None
+            stop = _document_start(f, self.end) if self.end < size else None
             lines: list[str] = []
             for offset, raw in _lines_from(f, begin, stop):
                 if offset == 0 and raw.startswith(codecs.BOM_UTF8) and self._is_utf8:
@@ -253,12 +278,12 @@ class JsonlChunk(WorkUnit):
     def documents(self) -> Iterator[str]:
         # Offsets in a compressed file count decompressed bytes; the message says so.
         where = f"{self.path} (decompressed)" if self.compressed else self.path
-        opener = gzip.open if self.compressed else open
-        with opener(self.path, "rb") as f:
+        with storage.open_file(self.path, "rb") as raw:
+            f = gzip.GzipFile(fileobj=raw) if self.compressed else raw
             if self.compressed:
                 lines = _lines_from(f, 0, None)
             else:
-                size = os.fstat(f.fileno()).st_size
+                size = storage.size(self.path)
                 stop = _line_start(f, self.end) if self.end < size else None
                 lines = _lines_from(f, _line_start(f, self.start), stop)
             for offset, raw in lines:
@@ -295,7 +320,7 @@ class ParquetRowGroups(WorkUnit):
 
     def documents(self) -> Iterator[str]:
         pq = _import_parquet()
-        file = pq.ParquetFile(self.path)
+        file = pq.ParquetFile(_parquet_input(self.path))
         if self.text_key not in file.schema_arrow.names:
             raise SourceError(
                 f"{self.path}: no column {self.text_key!r} (columns: {file.schema_arrow.names})"
@@ -312,10 +337,15 @@ class ParquetRowGroups(WorkUnit):
                     yield value
 
 
+def _parquet_input(path: str):
+    """What pyarrow opens: the path, or for a URL a file object reading it in place."""
+    return storage.open_file(path, "rb") if storage.is_remote(path) else path
+
+
 def _parquet_units(path: str, text_key: str, chunk_bytes: int) -> list[WorkUnit]:
     pq = _import_parquet()
     try:
-        meta = pq.ParquetFile(path).metadata
+        meta = pq.ParquetFile(_parquet_input(path)).metadata
     except Exception as e:  # pyarrow raises several types for corrupt files
         raise SourceError(f"{path}: not a readable Parquet file ({e})") from None
     units: list[WorkUnit] = []
@@ -358,7 +388,7 @@ class LocalFiles(DocumentSource):
         units: list[WorkUnit] = []
         for file in self.files:
             path, kind = str(file), _suffix(file)
-            size = file.stat().st_size
+            size = storage.size(path)
             if kind == ".parquet":
                 units.extend(_parquet_units(path, self.text_key, self.chunk_bytes))
             elif kind in (".jsonl.gz", ".json.gz"):

@@ -1,0 +1,208 @@
+"""Runs whose workdir and data live in a bucket: the GCS emulator (tests/gcs_emulator.py).
+
+One bucket for the module: an uninterrupted reference run, which prepares the data into the
+bucket (tokenizer and shards, read by every later run through its own local copy); a run
+killed with SIGKILL after a checkpoint and started again must log the same losses, read back
+from the bucket; a simulated pod (2 processes x 4 CPU devices, each with only its own private
+local directories) the same losses as one process; an export from the bucket loads in
+transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from deberta_testing import REPO, SMALL_RUN, TINY_YAML
+
+from debertina_jax import storage
+from debertina_jax.runtime.metrics_log import read_metrics
+
+STEPS = 16
+RUN = SMALL_RUN + [
+    "model.num_hidden_layers=1",
+    "generator.num_hidden_layers=1",
+    "data.prepare_workers=1",
+    f"train.steps={STEPS}",
+    "train.log_every_steps=1",
+    "train.eval_every_steps=1000",
+    "checkpoint.every_steps=4",
+    "mesh.data=8",
+]
+
+
+def _env(private: Path, devices: int = 8, **extra: str) -> dict[str, str]:
+    """A process's environment with nothing local shared: its own cache, temp and XLA cache."""
+    for name in ("cache", "tmp", "xla"):
+        (private / name).mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["DEBERTINA_CACHE"] = str(private / "cache")
+    env["TMPDIR"] = str(private / "tmp")
+    env["JAX_COMPILATION_CACHE_DIR"] = str(private / "xla")
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
+    env.update(extra)
+    return env
+
+
+def _command(workdir: str, overrides: list[str], *extra: str) -> list[str]:
+    return [sys.executable, str(REPO / "run_pretrain.py"), "--config", str(TINY_YAML),
+            "--workdir", workdir, *extra, *overrides]  # fmt: skip
+
+
+def _run(workdir: str, overrides: list[str], env: dict[str, str], *extra: str) -> str:
+    done = subprocess.run(_command(workdir, overrides, *extra), env=env, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def _losses(workdir: str) -> dict[int, float]:
+    return {row["step"]: row["loss"] for row in read_metrics(workdir, split="train")}
+
+
+@pytest.fixture(scope="module")
+def bucket_runs(gcs_emulator, tmp_path_factory):
+    """(bucket, overrides with the bucket's data, the reference run's losses, a private dir
+    whose XLA cache the single-process runs share)."""
+    bucket = gcs_emulator.create_bucket()
+    overrides = RUN + [f"data.tokenizer_dir={bucket}/tokenizer", f"data.prepared_dir={bucket}/data"]
+    private = tmp_path_factory.mktemp("one-host")
+    _run(f"{bucket}/reference", overrides, _env(private))
+    assert storage.is_file(f"{bucket}/data/metadata.json")
+    reference = _losses(f"{bucket}/reference")
+    assert sorted(reference) == list(range(1, STEPS + 1))
+    return bucket, overrides, reference, private
+
+
+def test_sigkill_after_a_checkpoint_then_the_same_command_resumes_exactly(bucket_runs):
+    bucket, overrides, reference, private = bucket_runs
+    workdir = f"{bucket}/killed"
+    process = subprocess.Popen(
+        _command(workdir, overrides), env=_env(private), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not storage.exists(f"{workdir}/checkpoints/4/commit_success.txt"):
+        assert process.poll() is None, process.stderr.read()[-3000:]
+        assert time.monotonic() < deadline, "no checkpoint in time"
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert max(_losses(workdir)) < STEPS, "the run finished before it could be killed"
+    assert storage.exists(f"{workdir}/run.lock")  # a killed run cannot release its lock
+
+    out = _run(workdir, overrides, _env(private))  # the lock is stale: its process is gone
+    assert f"training finished at step {STEPS}" in out
+    losses = _losses(workdir)
+    assert sorted(losses) == list(range(1, STEPS + 1))  # no step logged twice or missing
+    for step in range(1, STEPS + 1):
+        assert losses[step] == reference[step], f"step {step}"
+    assert not storage.exists(f"{workdir}/run.lock")
+    events = storage.glob(f"{workdir}/tensorboard/events.out.tfevents.*")
+    assert len(events) == 2  # one per run; TensorBoard reads them in the bucket
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_sharing_only_the_bucket_log_the_same_losses(bucket_runs, tmp_path):
+    bucket, overrides, reference, _ = bucket_runs
+    workdir = f"{bucket}/pod"
+    port = _free_port()
+    processes = [
+        subprocess.Popen(
+            _command(workdir, overrides),
+            env=_env(tmp_path / f"host{i}", devices=4, JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+                     JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)),
+            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    try:
+        outputs = [p.communicate(timeout=500) for p in processes]
+    finally:
+        for p in processes:
+            p.kill()
+    for p, (_, err) in zip(processes, outputs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    got = _losses(workdir)
+    np.testing.assert_allclose([got[s] for s in range(1, STEPS + 1)],
+                               [reference[s] for s in range(1, STEPS + 1)], rtol=2e-5)  # fmt: skip
+    # Each host read the bucket's shards through its own copy, and saved its own data state.
+    for i in range(2):
+        assert any((tmp_path / f"host{i}" / "cache" / "prepared").iterdir())
+        state = f"{workdir}/checkpoints/{STEPS}/data/process_{i}-of-2.json"
+        assert json.loads(storage.read_text(state))
+
+
+def test_export_from_the_bucket_loads_in_transformers(bucket_runs, tmp_path):
+    bucket, _, _, private = bucket_runs
+    output = f"{bucket}/export"
+    command = [sys.executable, str(REPO / "convert_to_pt.py"), "--workdir",
+               f"{bucket}/reference", "--output", output]  # fmt: skip
+    done = subprocess.run(command, env=_env(private, devices=1), capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    local = tmp_path / "export"
+    storage.copy_tree(output, str(local))
+
+    import torch
+    from transformers import AutoModelForMaskedLM, AutoTokenizer, DebertaV2Model
+
+    tokenizer = AutoTokenizer.from_pretrained(local / "discriminator")
+    model = DebertaV2Model.from_pretrained(local / "discriminator")
+    batch = tokenizer(["O gato dorme no sofá."], return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(**batch).last_hidden_state
+    assert hidden.shape[-1] == 64 and torch.isfinite(hidden).all()
+    assert AutoModelForMaskedLM.from_pretrained(local / "generator") is not None
+
+
+@pytest.mark.parametrize(
+    "workdir, extra, status, message",
+    [
+        ("gs://no-such-bucket/run", [], 1, "bucket gs://no-such-bucket does not exist"),
+        ("gs://denied-bucket/run", [], 1, "permission denied for gs://denied-bucket"),
+        ("gs:/bucket/run", [], 2, "did you mean gs://bucket/run"),
+        ("{bucket}/run", ["data.prepared_dir=gs://Bad_Bucket/data"], 1,
+         "data.prepared_dir 'gs://Bad_Bucket/data': 'Bad_Bucket' is not a valid bucket name"),
+        ("{bucket}/run", ["data.train_files=[gs://no-such-bucket/c4/*.json.gz]"], 1,
+         "bucket gs://no-such-bucket does not exist"),
+    ],
+)  # fmt: skip
+def test_bad_storage_input_is_refused_before_anything_compiles(
+    gcs_bucket, workdir, extra, status, message, capsys
+):
+    from debertina_jax.cli.pretrain import main
+
+    workdir = workdir.format(bucket=gcs_bucket)
+    code = main(["--config", str(TINY_YAML), "--workdir", workdir, *RUN, *extra])
+    err = capsys.readouterr().err
+    assert code == status and message in err, err
+    assert "Traceback" not in err
+    assert not storage.walk_files(gcs_bucket)  # nothing was written
+
+
+def test_stage_outputs_go_to_the_bucket(gcs_bucket, capsys):
+    from debertina_jax.cli.pretrain import main
+
+    workdir = f"{gcs_bucket}/stage"
+    arguments = ["--config", str(TINY_YAML), "--workdir", workdir, "--stage", "tokenizer"]
+    assert main(arguments + RUN) == 0
+    assert "tokenizer ready in gs://" in capsys.readouterr().out
+    assert storage.is_file(f"{workdir}/tokenizer/tokenizer.json")
+    assert storage.is_file(f"{workdir}/config.yaml")
+    assert not storage.exists(f"{workdir}/run.lock")
