@@ -227,11 +227,22 @@ def _cpu_abstract_state(metadata_tree: Any) -> Any:
     )
 
 
+def _preservation(keep: int, preserve_steps: tuple[int, ...]) -> Any:
+    """The newest `keep` checkpoints, and those of `preserve_steps` whatever their age (e.g.
+    the last one before a wsd schedule's decay, to continue the run from)."""
+    latest = ocp.checkpoint_managers.LatestN(keep)
+    if not preserve_steps:
+        return latest
+    steps = ocp.checkpoint_managers.CustomSteps(list(preserve_steps))
+    return ocp.checkpoint_managers.AnyPreservationPolicy([latest, steps])
+
+
 class Checkpointer:
     """Saves and restores training checkpoints under WORKDIR/checkpoints.
 
     Keyword names match `config.CheckpointConfig`, so
-    `Checkpointer(workdir, **dataclasses.asdict(config.checkpoint))` works.
+    `Checkpointer(workdir, **dataclasses.asdict(config.checkpoint))` works; `preserve_steps`
+    are kept beyond the newest `keep`.
     With `async_save`, `save` returns once the arrays are copied off the devices (the state
     may be donated or changed right after) and writing goes on in the background;
     the next `save`, `wait` or `close` waits for it.
@@ -247,6 +258,7 @@ class Checkpointer:
         read_only: bool = False,
         save_retries: int = 2,
         retry_delay: float = 5.0,
+        preserve_steps: tuple[int, ...] = (),
     ) -> None:
         if every_steps < 1:
             raise ValueError(f"checkpoint.every_steps must be >= 1, got {every_steps}")
@@ -265,7 +277,7 @@ class Checkpointer:
             )
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=0 if read_only else 1,  # we decide when to save (should_save)
-            preservation_policy=ocp.checkpoint_managers.LatestN(keep),
+            preservation_policy=_preservation(keep, preserve_steps),
             enable_async_checkpointing=async_save,
             create=not read_only,
             read_only=read_only,
