@@ -8,6 +8,14 @@ This package imports nothing else of debertina_jax: every layer above may read t
 """
 
 from debertina_jax.config.model import ConfigError, DebertaV2Config
+from debertina_jax.config.phases import (
+    Phase,
+    TrainPhase,
+    phase_config,
+    phase_of_step,
+    sequence_phases,
+    tokens_seen,
+)
 from debertina_jax.config.run import (
     CONFIG_FILE,
     CheckpointConfig,
@@ -35,9 +43,15 @@ __all__ = [
     "InitConfig",
     "MeshConfig",
     "OptimizerConfig",
+    "Phase",
     "TrainConfig",
+    "TrainPhase",
     "apply_overrides",
     "config_from_dict",
     "generator_model_config",
     "load_config",
+    "phase_config",
+    "phase_of_step",
+    "sequence_phases",
+    "tokens_seen",
 ]

@@ -3,6 +3,7 @@ config: a value from YAML, JSON or a dotted override is checked against the fiel
 
 from __future__ import annotations
 
+import dataclasses
 import types
 import typing
 from typing import Any
@@ -19,7 +20,10 @@ def check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
 
 def coerce(key: str, value: Any, hint: Any) -> Any:
     """Checks `value` against a type hint, converting only where it is lossless (a list to a
-    tuple, an int or a numeric string to a float, one string to a one-item tuple of strings)."""
+    tuple, an int or a numeric string to a float, one string to a one-item tuple of strings,
+    a mapping to a frozen dataclass of its keys, each checked the same way)."""
+    if dataclasses.is_dataclass(hint) and isinstance(hint, type):
+        return _dataclass(key, value, hint)
     origin = typing.get_origin(hint)
     if origin in (types.UnionType, typing.Union):
         args = typing.get_args(hint)
@@ -69,6 +73,33 @@ def coerce(key: str, value: Any, hint: Any) -> Any:
     if value is None and hint is type(None):
         return None
     raise ConfigError(f"{key}: unsupported value {value!r} for {hint_name(hint)}")
+
+
+def _dataclass(key: str, value: Any, cls: type) -> Any:
+    """A mapping (e.g. one item of train.phases) -> `cls`, its keys checked like a section's;
+    the dataclass's own __post_init__ then checks the values."""
+    if isinstance(value, cls):
+        return value
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: expected a mapping of keys, got {value!r}")
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(value) - set(known))
+    if unknown:
+        raise ConfigError(f"{key}: unknown key {unknown[0]!r} (known: {', '.join(known)})")
+    required = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    missing = [name for name in required if name not in value]
+    if missing:
+        raise ConfigError(f"{key}: {missing[0]} is missing")
+    values = {k: coerce(f"{key}.{k}", v, hints[k]) for k, v in value.items()}
+    try:
+        return cls(**values)
+    except ConfigError as e:
+        raise ConfigError(f"{key}: {e}") from None
 
 
 def hint_name(hint: Any) -> str:

@@ -21,6 +21,7 @@ import yaml
 from debertina_jax import storage
 from debertina_jax.config.checks import ConfigError, check_choice, coerce
 from debertina_jax.config.model import DebertaV2Config
+from debertina_jax.config.phases import TrainPhase, check_phases
 
 
 @dataclass(frozen=True)
@@ -85,24 +86,63 @@ class DataConfig:
             raise ConfigError(f"data.vocab_size must be >= 8, got {self.vocab_size}")
 
 
+# What the discriminator may set on its own under optimizer.decoupled (discriminator_<key>).
+_OWN_DISCRIMINATOR_KEYS = ("learning_rate", "weight_decay", "clip_norm")
+
+
 @dataclass(frozen=True)
 class OptimizerConfig:
-    """AdamW with linear warmup and linear decay, as in the official recipe."""
+    """AdamW with linear warmup, then one of three schedules (pretraining/optimizer.py)."""
 
     learning_rate: float = 3e-4
     warmup_steps: int = 10000
-    end_learning_rate: float = 0.0
+    end_learning_rate: float = 0.0  # where every schedule ends, at train.steps
+    # After warmup: linear (official recipe) | cosine | wsd (warmup-stable-decay: the peak
+    # until the last wsd_decay_fraction of train.steps, then wsd_decay_shape down).
+    schedule: str = "linear"
+    wsd_decay_fraction: float = 0.1
+    wsd_decay_shape: str = "1-sqrt"  # linear | cosine | 1-sqrt
     b1: float = 0.9
     b2: float = 0.999
     eps: float = 1e-6
     weight_decay: float = 0.01
-    clip_norm: float = 1.0
+    clip_norm: float = 1.0  # 0: no clipping
     grad_accum_steps: int = 1
+    # Two AdamW states, generator and discriminator, each clipped on its own (the official
+    # DeBERTa-v3 code's decoupled training). The keys above are the generator's, and the
+    # discriminator's unless its own are set below (None: the same as the generator's).
+    decoupled: bool = False
+    discriminator_learning_rate: float | None = None
+    discriminator_weight_decay: float | None = None
+    discriminator_clip_norm: float | None = None
 
     def __post_init__(self) -> None:
+        check_choice("optimizer.schedule", self.schedule, ("linear", "cosine", "wsd"))
+        check_choice(
+            "optimizer.wsd_decay_shape", self.wsd_decay_shape, ("linear", "cosine", "1-sqrt")
+        )
         if self.grad_accum_steps < 1:
             raise ConfigError(
                 f"optimizer.grad_accum_steps must be >= 1, got {self.grad_accum_steps}"
+            )
+        if not 0.0 < self.wsd_decay_fraction <= 1.0:
+            raise ConfigError(
+                f"optimizer.wsd_decay_fraction must be in (0, 1], got {self.wsd_decay_fraction}"
+            )
+        rates = ("learning_rate", "end_learning_rate", "weight_decay", "clip_norm")
+        for key in rates + tuple(f"discriminator_{n}" for n in _OWN_DISCRIMINATOR_KEYS):
+            value = getattr(self, key)
+            if value is not None and value < 0:
+                raise ConfigError(f"optimizer.{key} must be >= 0, got {value}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"optimizer.warmup_steps must be >= 0, got {self.warmup_steps}")
+        own = [
+            k for k in _OWN_DISCRIMINATOR_KEYS if getattr(self, f"discriminator_{k}") is not None
+        ]
+        if own and not self.decoupled:
+            raise ConfigError(
+                f"optimizer.discriminator_{own[0]} needs optimizer.decoupled: true (one "
+                "optimizer has one learning rate, weight decay and clip for both models)"
             )
 
 
@@ -126,6 +166,12 @@ class TrainConfig:
     prng_impl: str = "threefry"
     # [start, stop]: a jax.profiler trace of steps start..stop-1 in WORKDIR/profile (XProf).
     profile_steps: tuple[int, int] | None = None
+    # Sequence-length phases, e.g. [{until_step: 900, max_seq_length: 64}, {until_step: 1000,
+    # max_seq_length: 128}] (config/phases.py). Empty: every step at data.max_seq_length.
+    phases: tuple[TrainPhase, ...] = ()
+    # An exponential moving average of the weights, kept in the checkpoint and evaluated
+    # beside them (ema_* in the eval rows); e.g. 0.999. None: off.
+    ema_decay: float | None = None
 
     def __post_init__(self) -> None:
         check_choice("train.dtype", self.dtype, ("float32", "bfloat16"))
@@ -142,6 +188,8 @@ class TrainConfig:
         for name in ("steps", "batch_size", "log_every_steps", "eval_every_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ConfigError(f"train.ema_decay must be in (0, 1) or null, got {self.ema_decay}")
 
 
 @dataclass(frozen=True)
@@ -221,6 +269,7 @@ def _check_across_sections(config: Config) -> None:
             f"train.batch_size ({config.train.batch_size}) must be a multiple of "
             f"optimizer.grad_accum_steps ({config.optimizer.grad_accum_steps})"
         )
+    check_phases(config)
     if config.generator.enhanced_mask_decoder:
         if config.model.position_biased_input:
             raise ConfigError(

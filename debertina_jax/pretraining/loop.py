@@ -33,11 +33,22 @@ import numpy as np
 import yaml
 
 from debertina_jax import storage
-from debertina_jax.config import CONFIG_FILE, Config, InitConfig
-from debertina_jax.data.loader import make_eval_loader, make_loader
+from debertina_jax.config import (
+    CONFIG_FILE,
+    Config,
+    ConfigError,
+    InitConfig,
+    phase_config,
+    phase_of_step,
+    sequence_phases,
+    tokens_seen,
+)
+from debertina_jax.data.loader import make_eval_loader
+from debertina_jax.data.phased import phase_loader
 from debertina_jax.data.workdir import PreparedData, data_paths, ensure_data
 from debertina_jax.pretraining.chips import peak_flops_per_second
 from debertina_jax.pretraining.flops import train_step_flops
+from debertina_jax.pretraining.optimizer import decay_start_step
 from debertina_jax.pretraining.state import abstract_train_state, create_train_state, shardings_of
 from debertina_jax.pretraining.step import make_eval_step, make_train_step, step_rng
 from debertina_jax.runtime import distributed
@@ -201,6 +212,11 @@ def pretrain(config: Config, workdir: str | Path, *, stage: str = "all") -> RunR
     distributed.maybe_initialize(config.mesh.distributed)
     mesh = make_mesh(config.mesh)
     check_batch_layout(config.train.batch_size, config.optimizer.grad_accum_steps, mesh)
+    for phase in sequence_phases(config) if config.train.phases else ():
+        try:
+            check_batch_layout(phase.batch_size, config.optimizer.grad_accum_steps, mesh)
+        except ConfigError as e:
+            raise ConfigError(f"train.phases[{phase.index}] (batch size): {e}") from None
     created = not remote and not workdir.exists()
     lock = _lock(workdir)
     try:
@@ -271,7 +287,12 @@ def _train(
     lock: WorkdirLock | None,
 ) -> RunResult:
     train = config.train
-    checkpointer = Checkpointer(workdir, **dataclasses.asdict(config.checkpoint))
+    # wsd: the last checkpoint before the decay is saved and kept, to continue the run from.
+    decay_start = decay_start_step(config)
+    kept = () if decay_start is None else (decay_start,)
+    checkpointer = Checkpointer(
+        workdir, **dataclasses.asdict(config.checkpoint), preserve_steps=kept
+    )
     # Closed in this order: the checkpointer first, so that a failing last save is the error.
     closers: list[tuple[str, Callable[[], None]]] = [("checkpointer", checkpointer.close)]
 
@@ -295,20 +316,18 @@ def _train(
         else:
             graphdef, state = create_train_state(config, mesh, train.seed)
             state_shardings = shardings_of(state)
-        loader = make_loader(
-            prepared.data_dir,
-            "train",
-            train.batch_size,
-            seed=train.seed,
-            max_seq_length=config.data.max_seq_length,
-        )
-        closers.append(("data loader", loader.close))
+        phases = sequence_phases(config)
         start = 0
         if resume:
             restored, start = checkpointer.restore_newest_readable(abstract)
             state = restored.state
-            loader.set_state(restored.data_state)
             logger.info("resumed from the checkpoint of step %d", start)
+        # Each sequence-length phase has its own loader (and compile of the step).
+        phase = phase_of_step(phases, start + 1)
+        loader = phase_loader(config, prepared.data_dir, phases, phase)
+        closers.append(("data loader", lambda: loader.close()))  # the current phase's
+        if resume and start >= phase.first_step:  # at a boundary the next phase starts afresh
+            loader.set_state(restored.data_state)
         # Everything this run can check is checked: from now on the workdir is this config's.
         if distributed.is_main_process():
             _write_config(config, workdir)
@@ -317,7 +336,6 @@ def _train(
         train_step = make_train_step(config, mesh, graphdef, state_shardings)
         eval_step = make_eval_step(config, mesh, graphdef, state_shardings)
         sharding = batch_sharding(mesh)
-        tokens_per_step = train.batch_size * config.data.max_seq_length
         metrics_logger = MetricsLogger(workdir, total_steps=train.steps, start_step=start)
         closers.append(("metrics logger", metrics_logger.close))
         profiler = _Profiler(train.profile_steps, workdir)
@@ -329,13 +347,20 @@ def _train(
         window_start, window_steps = time.perf_counter(), 0
 
         def meta(step: int) -> dict[str, Any]:
-            return {"config": config.to_dict(), "tokens_seen": step * tokens_per_step}
+            return {"config": config.to_dict(), "tokens_seen": tokens_seen(phases, step)}
 
         def retry(step: int, failure: CheckpointSaveError) -> None:
             """A failed save: this step's state is saved again (a few times at most)."""
             checkpointer.retry_save(step, state, loader.get_state(), meta(step), failure)
 
         for step in range(start + 1, train.steps + 1):
+            if step > phase.last_step:  # the next phase: its loader, shapes and compile
+                loader.close()
+                phase = phase_of_step(phases, step)
+                loader = phase_loader(config, prepared.data_dir, phases, phase)
+                window_start, window_steps = time.perf_counter(), 0
+                logger.info("phase %d from step %d: %d lines of %d tokens per step",
+                            phase.index, step, phase.batch_size, phase.max_seq_length)  # fmt: skip
             batch = _global_batch(next(loader), sharding)
             profiler.before(step)
             # A pure function of (seed, step): a resumed run draws the same masks and dropout.
@@ -368,14 +393,21 @@ def _train(
                 if step % train.log_every_steps == 0 or step == train.steps:
                     row = {k: float(v) for k, v in jax.device_get(metrics).items()}
                     elapsed = time.perf_counter() - window_start
-                    row.update(_throughput(config, window_steps, elapsed))
-                    row["tokens_seen"] = step * tokens_per_step
+                    row.update(_throughput(phase_config(config, phase), window_steps, elapsed))
+                    row["tokens_seen"] = tokens_seen(phases, step)
+                    row["max_seq_length"] = phase.max_seq_length
+                    row["batch_size"] = phase.batch_size
                     metrics_logger.update(step, row)
                     result.last_metrics = row
                     window_start, window_steps = time.perf_counter(), 0
 
                 if step % train.eval_every_steps == 0 or step == train.steps:
                     result.last_eval = evaluate(eval_step, state, prepared, config, sharding)
+                    if "ema" in state:  # the moving average, on the same batches and masks
+                        ema = {**state, "params": state["ema"]}
+                        averaged = evaluate(eval_step, ema, prepared, config, sharding)
+                        result.last_eval.update({f"ema_{k}": v for k, v in averaged.items()})
+                    result.last_eval["max_seq_length"] = config.data.max_seq_length
                     metrics_logger.log_eval(step, result.last_eval)
                     window_start, window_steps = time.perf_counter(), 0
             except OSError as e:  # the metrics files: a full disk often shows up here first
@@ -385,7 +417,7 @@ def _train(
                 ) from None
 
             stop = watcher.should_stop(step)
-            if checkpointer.should_save(step) or stop or step == train.steps:
+            if checkpointer.should_save(step) or stop or step in (train.steps, decay_start):
                 # The rows up to a checkpoint are durable before it is (a bucket's metrics
                 # are uploaded in batches): a resume from it then misses none of them.
                 metrics_logger.flush()

@@ -2,7 +2,9 @@
 
 The train state is a plain pytree (a dict, what orbax saves and restores):
     {"step": int32 [], "params": nnx.State of the ElectraPair's Params, "opt_state": optax state}
-and the model structure travels separately as an nnx GraphDef (`merge_pair(graphdef, state)`).
+plus, with train.ema_decay, "ema": the moving average of "params" (same tree, same shardings,
+so it is saved and restored like them and `{**state, "params": state["ema"]}` evaluates it).
+The model structure travels separately as an nnx GraphDef (`merge_pair(graphdef, state)`).
 """
 
 from __future__ import annotations
@@ -39,7 +41,10 @@ def abstract_train_state(
 
     def init() -> TrainState:
         params = nnx.state(build_pair(config, rng_seed), nnx.Param)
-        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+        state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+        if config.train.ema_decay is not None:
+            state["ema"] = _copy(params)
+        return state
 
     shapes = jax.eval_shape(init)
     shardings = state_shardings(shapes, mesh, config.mesh.rules)
@@ -63,10 +68,29 @@ def create_train_state(
 
 def init_state_from_hf(config: Config, graphdef: nnx.GraphDef, state: TrainState) -> TrainState:
     """The train state with its parameters taken from config.init's HF directories (each
-    keeping its dtype and sharding); the optimizer state is left as it is."""
+    keeping its dtype and sharding), the EMA (if any) starting from them too; the optimizer
+    state is left as it is."""
     pair = merge_pair(graphdef, state)
     init_pair_from_hf(pair, config)
-    return {**state, "params": nnx.state(pair, nnx.Param)}
+    params = nnx.state(pair, nnx.Param)
+    if "ema" not in state:
+        return {**state, "params": params}
+    return {**state, "params": params, "ema": jax.jit(_copy)(params)}
+
+
+def ema_decay_at(config: Config, step: jax.Array | int) -> jax.Array:
+    """The EMA's decay for the update of train step `step` (0-based: the updates before it):
+    min(train.ema_decay, (1 + step) / (10 + step)), the warm-up of TensorFlow's
+    ExponentialMovingAverage, so that the average soon forgets the random initialisation
+    (with a plain 0.999 it would still hold e^-1 of it after 1000 steps)."""
+    step = jnp.asarray(step, jnp.float32)
+    return jnp.minimum(config.train.ema_decay, (1.0 + step) / (10.0 + step))
+
+
+def _copy(params: nnx.State) -> nnx.State:
+    """A copy in its own buffers: the step donates the state, and the EMA must not alias the
+    parameters it averages."""
+    return jax.tree.map(jnp.copy, params)
 
 
 def shardings_of(state: TrainState) -> Any:

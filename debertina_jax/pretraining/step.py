@@ -26,8 +26,8 @@ from debertina_jax.model.blocks import gather_positions
 from debertina_jax.model.electra import ElectraPair
 from debertina_jax.pretraining import losses
 from debertina_jax.pretraining.masking import default_max_predictions, mask_tokens
-from debertina_jax.pretraining.optimizer import current_learning_rate, make_optimizer
-from debertina_jax.pretraining.state import TrainState, merge_pair
+from debertina_jax.pretraining.optimizer import current_learning_rates, group_norms, make_optimizer
+from debertina_jax.pretraining.state import TrainState, ema_decay_at, merge_pair
 from debertina_jax.runtime.sharding import batch_sharding, batch_shards
 
 Metrics = dict[str, jax.Array]
@@ -47,6 +47,18 @@ LOSS_METRICS = (
     "replaced_fraction",
 )
 TRAIN_METRICS = LOSS_METRICS + ("grad_norm", "learning_rate", "nonfinite")
+# What a decoupled optimizer adds: each model's gradient norm (what its clip sees) and the
+# discriminator's learning rate.
+DECOUPLED_METRICS = (
+    "generator_grad_norm",
+    "discriminator_grad_norm",
+    "discriminator_learning_rate",
+)
+
+
+def train_metric_names(config: Config) -> tuple[str, ...]:
+    """The keys of the train step's metrics under `config`."""
+    return TRAIN_METRICS + (DECOUPLED_METRICS if config.optimizer.decoupled else ())
 
 
 def step_rng(seed: int, step: int | jax.Array) -> jax.Array:
@@ -110,8 +122,10 @@ def make_train_step(
     Gradient accumulation: with optimizer.grad_accum_steps = k the global batch is split into
     k interleaved micro-batches (rows i, i+k, ...: each device keeps its own rows), their
     gradients and metrics are averaged, and one update is made.
-    A non-finite loss or gradient norm skips the update: params and opt_state come back
-    unchanged, metrics["nonfinite"] = 1; "step" counts every call, skipped or not.
+    A non-finite loss or gradient norm skips the update: params, opt_state (and the EMA) come
+    back unchanged, metrics["nonfinite"] = 1; "step" counts every call, skipped or not.
+    With train.ema_decay the state's "ema" follows the parameters after each update
+    (state.py: ema_decay_at).
     """
     tx = make_optimizer(config)
     accum = config.optimizer.grad_accum_steps
@@ -146,19 +160,32 @@ def make_train_step(
 
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+        ema = state.get("ema")
 
         def update(_):
             updates, new_opt_state = tx.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), new_opt_state
+            new_params = optax.apply_updates(params, updates)
+            if ema is None:
+                return new_params, new_opt_state, None
+            decay = ema_decay_at(config, state["step"])
+            new_ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, ema, new_params)
+            return new_params, new_opt_state, new_ema
 
-        params, opt_state = jax.lax.cond(finite, update, lambda _: (params, opt_state), None)
+        params, opt_state, ema = jax.lax.cond(
+            finite, update, lambda _: (params, opt_state, ema), None
+        )
         metrics = {
             **metrics,
             "grad_norm": grad_norm,
-            "learning_rate": current_learning_rate(opt_state),
+            **current_learning_rates(opt_state),
             "nonfinite": (~finite).astype(jnp.int32),
         }
+        if config.optimizer.decoupled:
+            norms = group_norms(config, grads)
+            metrics.update({f"{name}_grad_norm": norm for name, norm in norms.items()})
         new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
+        if ema is not None:
+            new_state["ema"] = ema
         return new_state, metrics
 
     replicated = NamedSharding(mesh, PartitionSpec())
