@@ -16,7 +16,7 @@ import logging
 import os
 import sys
 
-from debertina_jax.export.spec import MODELS  # plain data: --help stays fast
+from debertina_jax.export.spec import MODELS, WEIGHTS  # plain data: --help stays fast
 
 EXIT_ERROR, EXIT_USAGE, EXIT_VERIFY = 1, 2, 3
 
@@ -36,12 +36,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--dtype", default="float32", help="weights: float32 (default), float16 or bfloat16"
     )
     parser.add_argument(
+        "--weights",
+        choices=WEIGHTS,
+        default="raw",
+        help="raw: the parameters (default); ema: their moving average (train.ema_decay runs)",
+    )
+    parser.add_argument(
+        "--average-last",
+        type=_positive,
+        metavar="K",
+        help="the uniform average of the last K kept checkpoints up to --step",
+    )
+    parser.add_argument(
         "--no-verify", action="store_true", help="skip loading the result with transformers"
     )
     parser.add_argument(
         "--overwrite", action="store_true", help="replace a non-empty OUT (as a whole)"
     )
     return parser.parse_args(argv)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
             args.workdir,
             args.output,
             step=args.step,
+            weights=args.weights,
+            average_last=args.average_last,
             models=models,
             dtype=args.dtype,
             verify_outputs=not args.no_verify,
@@ -81,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         print(check)
     for which, directory in result.directories.items():
         print(f"wrote {which} of step {result.step} to {directory} ({args.dtype})")
+    print(f"weights: {result.weights}")
     if not result.checks:
         print("not verified (--no-verify)")
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from debertina_jax.config import Config, sequence_phases
 from debertina_jax.config.model import DebertaV2Config
 from debertina_jax.export.checkpoint import ExportSource
 from debertina_jax.export.spec import ModelSpec
@@ -41,6 +42,17 @@ def _count(n: int) -> str:
     return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n:,}"
 
 
+def _shapes(config: Config) -> str:
+    """The batch shape of the run's steps, per sequence-length phase when it has several."""
+    phases = sequence_phases(config)
+    if len(phases) == 1:
+        return f"batch {phases[0].batch_size} x {phases[0].max_seq_length} tokens"
+    return "; ".join(
+        f"steps {p.first_step:,}-{p.last_step:,}: batch {p.batch_size} x {p.max_seq_length} tokens"
+        for p in phases
+    )
+
+
 def model_card(
     source: ExportSource,
     spec: ModelSpec,
@@ -76,10 +88,11 @@ def model_card(
         "",
         "## Pretraining",
         "",
-        f"- steps: {source.step:,} (batch {source.config.train.batch_size} x "
-        f"{source.config.data.max_seq_length} tokens)",
+        f"- steps: {source.step:,} ({_shapes(source.config)})",
         f"- tokens seen: {tokens}",
     ]
+    if source.weights:
+        lines.append(f"- weights: {source.weights}")
     if source.eval_metrics:
         shown = {
             k: v

@@ -5,6 +5,8 @@ no optimizer, no train step. Works on any machine with one CPU, whatever mesh th
 trained on: orbax reshards the arrays onto the CPU. The discriminator comes back with its GDES
 embedding merged (E_G + E_delta), ready for `hf.convert.to_hf` or for use as it is.
 `load_source` adds what an export writes beside the weights (tokenizer, training facts).
+`weights="ema"` reads the moving average of the parameters instead, and `average_last=K` the
+uniform average of the last K kept checkpoints (export/weights.py).
 """
 
 from __future__ import annotations
@@ -20,16 +22,12 @@ import numpy as np
 from flax import nnx
 
 from debertina_jax import storage
-from debertina_jax.config import Config, config_from_dict
+from debertina_jax.config import Config
 from debertina_jax.data.workdir import data_paths
+from debertina_jax.export.weights import describe, load_weights, read_weights
 from debertina_jax.model.electra import ElectraPair
 from debertina_jax.model.models import DebertaV2ForMaskedLM, DebertaV2ForReplacedTokenDetection
 from debertina_jax.pretraining.pair import build_pair
-from debertina_jax.runtime.checkpointing import (
-    CheckpointRestoreError,
-    read_checkpoint_meta,
-    restore_params,
-)
 from debertina_jax.runtime.metrics_log import read_metrics
 
 log = logging.getLogger(__name__)
@@ -54,27 +52,29 @@ class PretrainedCheckpoint:
     # The enhanced mask decoder's absolute position table (None without an EMD): the
     # standalone generator has no place for it, the export keeps it under a name HF ignores.
     emd_positions: np.ndarray | None = None
+    weights: str = ""  # which weights, in words (export/weights.py: describe)
 
     def model(self, name: str) -> DebertaV2ForMaskedLM | DebertaV2ForReplacedTokenDetection:
         """The standalone model called `name` ("discriminator" or "generator")."""
         return {"discriminator": self.discriminator, "generator": self.generator}[name]
 
 
-def load_checkpoint(workdir: str | os.PathLike, step: int | None = None) -> PretrainedCheckpoint:
+def load_checkpoint(
+    workdir: str | os.PathLike,
+    step: int | None = None,
+    *,
+    weights: str = "raw",
+    average_last: int | None = None,
+) -> PretrainedCheckpoint:
     """Restores checkpoint `step` (default: the latest) of the run in `workdir` (a directory
-    or a gs:// URL) on the CPU."""
+    or a gs:// URL) on the CPU: its raw weights or (`weights="ema"`) their moving average,
+    averaged over the last `average_last` kept checkpoints up to `step` when given."""
     workdir = storage.check_path(workdir, "workdir")
     # The config is stored in the checkpoint itself, so read its metadata first.
-    meta = read_checkpoint_meta(workdir, step)
-    try:
-        config = config_from_dict(meta["config"])
-    except (KeyError, ValueError) as e:
-        raise CheckpointRestoreError(
-            f"{workdir}: the config stored in checkpoint {meta.get('step')} is unreadable: {e}"
-        ) from None
+    meta, config, steps = load_weights(workdir, step, weights, average_last)
     cpu = jax.devices("cpu")[0]
     with jax.default_device(cpu):
-        pair = _restore_pair(workdir, int(meta["step"]), config, cpu)
+        pair = _restore_pair(workdir, steps, config, cpu, weights)
         emd = pair.enhanced_mask_decoder
         tokenizer_dir, _ = data_paths(config, workdir)
         return PretrainedCheckpoint(
@@ -85,21 +85,22 @@ def load_checkpoint(workdir: str | os.PathLike, step: int | None = None) -> Pret
             step=int(meta["step"]),
             meta=meta,
             emd_positions=None if emd is None else np.asarray(emd.position_embeddings.embedding),
+            weights=describe(config, steps, weights),
         )
 
 
 def _restore_pair(
-    workdir: Path | str, step: int, config: Config, device: jax.Device
+    workdir: Path | str, steps: list[int], config: Config, device: jax.Device, weights: str
 ) -> ElectraPair:
     """The run's pair (its structure from the config, nothing allocated) filled with the
-    checkpoint's parameters on `device`."""
+    checkpoints' `weights` (their mean when several) on `device`."""
     abstract = nnx.eval_shape(lambda: build_pair(config, config.train.seed))
     graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
     on_device = jax.sharding.SingleDeviceSharding(device)
     target = jax.tree.map(
         lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=on_device), params
     )
-    return nnx.merge(graphdef, restore_params(workdir, step, target), rest)
+    return nnx.merge(graphdef, read_weights(workdir, steps, target, weights), rest)
 
 
 # ---- what an export needs beside the weights -----------------------------------------------------
@@ -115,10 +116,17 @@ class ExportSource(PretrainedCheckpoint):
         return self.meta.get("tokens_seen")
 
 
-def load_source(workdir: str | os.PathLike, step: int | None = None) -> ExportSource:
-    """Restores checkpoint `step` (default: the latest) of `workdir` onto one CPU device."""
+def load_source(
+    workdir: str | os.PathLike,
+    step: int | None = None,
+    *,
+    weights: str = "raw",
+    average_last: int | None = None,
+) -> ExportSource:
+    """Restores checkpoint `step` (default: the latest) of `workdir` onto one CPU device (the
+    weights as `load_checkpoint` chooses them)."""
     workdir = storage.check_path(workdir, "workdir")
-    run = load_checkpoint(workdir, step)
+    run = load_checkpoint(workdir, step, weights=weights, average_last=average_last)
     tokenizer = run.tokenizer_dir
     missing = [n for n in TOKENIZER_FILES[:2] if not storage.is_file(storage.join(tokenizer, n))]
     if missing:

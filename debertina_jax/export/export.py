@@ -68,6 +68,7 @@ class ExportResult:
     directories: dict[str, Path | str]
     checks: list[Check] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    weights: str = ""  # which weights were written, in words (export/weights.py)
 
 
 def export(
@@ -75,12 +76,17 @@ def export(
     output: str | os.PathLike,
     *,
     step: int | None = None,
+    weights: str = "raw",
+    average_last: int | None = None,
     models: Sequence[str] = MODELS,
     dtype: str = "float32",
     verify_outputs: bool = True,
     overwrite: bool = False,
 ) -> ExportResult:
-    """Exports checkpoint `step` (default: the latest) of the run in `workdir` to `output`.
+    """Exports checkpoint `step` (default: the latest) of the run in `workdir` to `output`:
+    its raw weights, or with weights="ema" their moving average; with `average_last=K` the
+    uniform average of the last K kept checkpoints up to `step` (export/weights.py). Either
+    is written and verified like the weights of one checkpoint.
 
     Raises CheckpointNotFoundError / CheckpointRestoreError for a missing or unreadable
     checkpoint, ExportError for bad arguments or unwritable weights, VerificationError when the
@@ -105,9 +111,10 @@ def export(
         )
     output = Path(output)
     check_output(output, overwrite, None if storage.is_remote(workdir) else Path(workdir))
-    source = load_source(workdir, step)
+    source = load_source(workdir, step, weights=weights, average_last=average_last)
 
     result = ExportResult(output, source.step, {m: output / m for m in models})
+    result.weights = source.weights
     if source.emd_positions is not None and any(spec.carries_emd for spec in specs):
         log.warning(EMD_WARNING)
         result.warnings.append(EMD_WARNING)

@@ -63,3 +63,6 @@ GENERATOR = ModelSpec(
 )
 SPECS = {spec.name: spec for spec in (DISCRIMINATOR, GENERATOR)}
 MODELS = tuple(SPECS)
+# The weights an export can take from a checkpoint (export/weights.py): the parameters as they
+# are, or their moving average (runs with train.ema_decay).
+WEIGHTS = ("raw", "ema")

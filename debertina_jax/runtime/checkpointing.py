@@ -662,16 +662,19 @@ def restore_checkpoint(
         return checkpointer.restore(step, abstract_state, restore_data=restore_data)
 
 
-def restore_params(workdir: str | os.PathLike, step: int | None, abstract_params: Any) -> Any:
+def restore_params(
+    workdir: str | os.PathLike, step: int | None, abstract_params: Any, item: str = "params"
+) -> Any:
     """Only state["params"] of checkpoint `step` (default: the latest), laid out and placed as
-    `abstract_params` (ShapeDtypeStructs with shardings) says.
+    `abstract_params` (ShapeDtypeStructs with shardings) says; `item="ema"` reads the moving
+    average of the parameters instead (a run with train.ema_decay keeps it beside them).
 
     orbax's partial restore reads those arrays and leaves the rest of the state (the optimizer's
     moments, twice the parameters' size) on disk: reading a run back needs no optimizer.
     """
     with Checkpointer(workdir, every_steps=1, keep=1, read_only=True) as checkpointer:
         step_dir = checkpointer.directory / str(checkpointer._existing_step(step))
-    target = {"params": abstract_params}
+    target = {item: abstract_params}
     args = ocp.args.PyTreeRestore(
         item=target,
         restore_args=ocp.checkpoint_utils.construct_restore_args(target),
@@ -679,7 +682,7 @@ def restore_params(workdir: str | os.PathLike, step: int | None, abstract_params
     )
     try:
         with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as reader:
-            return reader.restore(step_dir / "state", args=args)["params"]
+            return reader.restore(step_dir / "state", args=args)[item]
     except Exception as e:  # orbax/tensorstore raise many types for unreadable files
         reason = short_reason(e)
         raise CheckpointRestoreError(
