@@ -18,7 +18,7 @@ B, L, RTD_WEIGHT = 4, 12, 50.0
 EPS = 1e-3  # large, so that Adam's first step g / (|g| + eps) shows how much g was clipped
 
 
-def _config(sharing="gdes", **opt):
+def _config(sharing="gdes", train=None, mesh=None, **opt):
     return config_from_dict(
         {
             "model": {
@@ -35,7 +35,8 @@ def _config(sharing="gdes", **opt):
             "generator": {"num_hidden_layers": 1, "embedding_sharing": sharing},
             "data": {"vocab_size": 40, "max_seq_length": L},
             "optimizer": {"warmup_steps": 0, "eps": EPS, "b2": 0.99, **opt},
-            "train": {"steps": 10, "batch_size": B, "rtd_weight": RTD_WEIGHT},
+            "train": {"steps": 10, "batch_size": B, "rtd_weight": RTD_WEIGHT, **(train or {})},
+            "mesh": mesh or {},
         }
     )
 
