@@ -2,15 +2,16 @@
 extending train.steps does to each, and the config checks of the new optimizer keys."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
-from deberta_testing import TINY_YAML
 
 from debertina_jax.config import Config, ConfigError, OptimizerConfig, TrainConfig, load_config
 from debertina_jax.pretraining import optimizer
 
 PEAK, END, WARMUP, TOTAL = 1e-3, 1e-4, 10, 110
+TINY_YAML = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
 
 def _config(steps=TOTAL, **opt) -> Config:
