@@ -26,6 +26,9 @@ from deberta_testing import REPO, SMALL_RUN, TINY_YAML
 from debertina_jax import storage
 from debertina_jax.runtime.metrics_log import read_metrics
 
+# They train runs: scripts/test.sh starts them first (tests/conftest.py).
+pytestmark = pytest.mark.slow
+
 STEPS = 16
 RUN = SMALL_RUN + [
     "model.num_hidden_layers=1",
