@@ -157,20 +157,20 @@ class MetricsLogger:
         if clash := sorted(set(values) & set(row)):
             raise ValueError(f"metric name {clash[0]!r} is reserved in {METRICS_FILE} rows")
         row.update(values)
+        if self.remote:
+            self._rows.append(row)
+            self._unflushed = True
+        else:
+            self._file.write(json.dumps(row) + "\n")
+            self._file.flush()
+            os.fsync(self._file.fileno())  # a row that was logged survives a crash right after
         for name, value in values.items():
             if value is not None:
                 self._tensorboard.add_scalar(f"{split}/{name}", value, int(step))
         if not self.remote:
             self._tensorboard.flush()  # as often as the rows: TensorBoard shows them at once
-        if self.remote:
-            self._rows.append(row)
-            self._unflushed = True
-            if split != "train" or time.monotonic() - self._last_flush >= self.flush_seconds:
-                self.flush()
-            return values
-        self._file.write(json.dumps(row) + "\n")
-        self._file.flush()
-        os.fsync(self._file.fileno())  # a row that was logged survives a crash right after
+        elif split != "train" or time.monotonic() - self._last_flush >= self.flush_seconds:
+            self.flush()
         return values
 
     def update(self, step: int, metrics: dict[str, Any]) -> None:
