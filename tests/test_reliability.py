@@ -198,7 +198,10 @@ def test_a_failed_save_stops_the_run_at_once_naming_the_last_good_checkpoint(
     for step in ("4", "6", "8"):  # back to a run that has saved only step 2
         shutil.rmtree(checkpoints / step)
     # Checkpoint files (~600 KB) no longer fit; the metrics, the config and the lock do.
-    done = _run(workdir, data_overrides + TRAINED, file_size_limit=200_000)
+    # No retries (checkpoint.save_retries, by default 2): the stop itself is what is checked
+    # here; retrying is tests/test_gcs_checkpoints.py's.
+    overrides = data_overrides + TRAINED + ["checkpoint.save_retries=0"]
+    done = _run(workdir, overrides, file_size_limit=200_000)
     assert _error_line(done) == (
         f"error: could not write the checkpoint of step 4 to {checkpoints / '4'}: File too large "
         f"[errno 27]. The last good checkpoint is step 2 ({checkpoints / '2'}): fix the cause "
