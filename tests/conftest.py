@@ -1,12 +1,170 @@
-"""Test setup: 8 simulated CPU devices, so mesh and sharding code runs as on a small TPU slice."""
+"""Test setup and the fixtures that several test files share.
 
+8 simulated CPU devices, so mesh and sharding code runs as on a small TPU slice. What is costly
+to make (a trained run, its export, prepared data) is made once per test session, also when
+pytest-xdist runs the tests in several processes (scripts/test.sh does): the first process
+that needs it makes it, under a file lock, and the others wait for it and reuse it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
 import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
 
 # Must be set before jax is imported anywhere.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A test that uses one of these fixtures trains or converts model runs: it is marked `slow`.
+# The order is that of their work: several pretraining processes for each test that uses
+# small_run_overrides, one shared run for the users of tiny_run_dir.
+RUN_FIXTURES = ("small_run_overrides", "tiny_run_dir")
+
+
+def _run_fixture_rank(item: pytest.Item) -> int:
+    """The index in RUN_FIXTURES of the first run fixture the test uses; len() if none."""
+    used = [i for i, name in enumerate(RUN_FIXTURES) if name in item.fixturenames]
+    return min(used, default=len(RUN_FIXTURES))
+
+
+def pytest_itemcollected(item: pytest.Item) -> None:
+    if _run_fixture_rank(item) < len(RUN_FIXTURES):
+        item.add_marker(pytest.mark.slow)
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's own ordering by fixture
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under pytest-xdist, the files with slow tests first (in the order of RUN_FIXTURES), so
+    that the long work starts at once and the short files even out the end: scripts/test.sh
+    hands out whole files (`--dist loadfile`) in the order of their first test
+    (`--no-loadscope-reorder`). The first file that needs tiny_run_dir makes the run, and its
+    worker usually takes the next such file. A plain run keeps the order of the files.
+
+    (Not `--dist loadgroup`: with pytest 9.2 it silently ignores the groups,
+    pytest-dev/pytest-xdist#1386.)
+    """
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    rank: dict[Path, int] = {}
+    for item in items:
+        rank[item.path] = min(rank.get(item.path, len(RUN_FIXTURES)), _run_fixture_rank(item))
+    # Stable: the files of one rank, and each file's tests, keep their order.
+    items.sort(key=lambda item: rank[item.path])
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _made_once(tmp_path_factory: pytest.TempPathFactory, name: str,
+               make: Callable[[Path], None]) -> Path:  # fmt: skip
+    """The directory `name` of this session, filled by `make` in the first process that asks
+    for it; the xdist workers share their base temporary directory's parent."""
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    path, done, failed = root / name, root / f"{name}.done", root / f"{name}.failed"
+    with _locked(root / f"{name}.lock"):
+        if failed.exists():
+            pytest.fail(f"making {name} failed in another test process:\n{failed.read_text()}")
+        if not done.exists():
+            path.mkdir()
+            try:
+                make(path)
+            except BaseException as error:
+                failed.write_text(f"{type(error).__name__}: {error}"[-3000:])
+                raise
+            done.touch()
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The workdir of deberta_testing.TINY_RUN, trained on 8 devices: 20 steps, checkpoints at
+    steps 10 and 20, its tokenizer in tokenizer/."""
+
+    def train(workdir: Path) -> None:
+        from deberta_testing import TINY_RUN, TINY_YAML
+
+        from debertina_jax.config import load_config
+        from debertina_jax.pretraining.loop import pretrain
+
+        pretrain(load_config(TINY_YAML, TINY_RUN), workdir)
+
+    return _made_once(tmp_path_factory, "tiny_run", train)
+
+
+@dataclass(frozen=True)
+class ExportRun:
+    """`convert_to_pt.py` run on the tiny run: where it wrote, and how it ended."""
+
+    output: Path
+    process: subprocess.CompletedProcess
+
+
+@pytest.fixture(scope="session")
+def tiny_export_cli(tmp_path_factory: pytest.TempPathFactory, tiny_run_dir: Path) -> ExportRun:
+    """`python convert_to_pt.py` with the defaults (latest step, both models, float32,
+    verified) on a machine with one CPU device. It may have failed: see tiny_export_dir."""
+
+    def convert(root: Path) -> None:
+        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+        env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+        command = [sys.executable, str(REPO / "convert_to_pt.py"), "--workdir", str(tiny_run_dir),
+                   "--output", str(root / "export")]  # fmt: skip
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+        ended = {"returncode": done.returncode, "stdout": done.stdout, "stderr": done.stderr}
+        (root / "process.json").write_text(json.dumps(ended))
+
+    root = _made_once(tmp_path_factory, "tiny_export", convert)
+    ended = json.loads((root / "process.json").read_text())
+    process = subprocess.CompletedProcess(["convert_to_pt.py"], **ended)
+    return ExportRun(root / "export", process)
+
+
+@pytest.fixture(scope="session")
+def tiny_export_dir(tiny_export_cli: ExportRun) -> Path:
+    """The output of tiny_export_cli (discriminator/ and generator/), which must have worked."""
+    done = tiny_export_cli.process
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    return tiny_export_cli.output
+
+
+def _small_run_data(root: Path) -> list[str]:
+    return [f"data.tokenizer_dir={root}/tokenizer", f"data.prepared_dir={root}/data"]
+
+
+@pytest.fixture(scope="session")
+def small_run_overrides(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """deberta_testing.SMALL_RUN, plus the paths of a tokenizer and shards prepared for it once,
+    for runs of configs/tiny.yaml that should not each train a tokenizer."""
+    from deberta_testing import SMALL_RUN, TINY_YAML
+
+    def prepare(root: Path) -> None:
+        from debertina_jax.config import load_config
+        from debertina_jax.data.workdir import ensure_data
+
+        ensure_data(load_config(TINY_YAML, SMALL_RUN + _small_run_data(root)), root)
+
+    return SMALL_RUN + _small_run_data(_made_once(tmp_path_factory, "small_run_data", prepare))
 
 
 # The GCS emulator: gcs_emulator (session) and gcs_bucket (a fresh bucket per test).

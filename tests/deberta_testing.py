@@ -1,4 +1,10 @@
-"""Shared helpers for the model tests: tiny configs, random batches, non-trivial random weights."""
+"""Shared test helpers that are not fixtures (the fixtures are in conftest.py).
+
+Tiny model configs, random batches and non-trivial random weights for the model tests; the
+overrides of configs/tiny.yaml that the pretraining and export tests train with.
+"""
+
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -65,3 +71,33 @@ def forward(model: nnx.Module, input_ids, attention_mask, token_type_ids=None):
 def run(model: nnx.Module, ids: np.ndarray, mask: np.ndarray, token_type_ids=None) -> np.ndarray:
     tt = None if token_type_ids is None else jnp.asarray(token_type_ids)
     return np.asarray(forward(model, jnp.asarray(ids), jnp.asarray(mask), tt))
+
+
+# ---- runs: configs/tiny.yaml made smaller, so that a run compiles and steps in seconds ----------
+REPO = Path(__file__).resolve().parents[1]
+TINY_YAML = REPO / "configs" / "tiny.yaml"
+
+# The data and batch settings every test run shares: a 400-piece vocabulary, 64-token lines.
+SMALL_RUN = [
+    "data.vocab_size=400",
+    "data.max_seq_length=64",
+    "data.eval_lines=16",
+    "train.batch_size=8",
+    "train.eval_batches=1",
+    "optimizer.warmup_steps=2",
+]
+
+# The run the export tests read back (conftest.tiny_run_dir): 20 steps of a 2-layer model with a
+# 1-layer generator, sharded over mesh data 2 x fsdp 2 x tensor 2, checkpoints at steps 10 and 20.
+TINY_RUN = SMALL_RUN + [
+    "model.num_hidden_layers=2",
+    "generator.num_hidden_layers=1",
+    "data.prepare_workers=1",
+    "train.steps=20",
+    "train.log_every_steps=5",
+    "train.eval_every_steps=20",
+    "checkpoint.every_steps=10",
+    "mesh.data=2",
+    "mesh.fsdp=2",
+    "mesh.tensor=2",
+]

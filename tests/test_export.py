@@ -2,14 +2,13 @@
 verified; the EMD generator; bad input; and the way back (debertina_jax.hf.init).
 
 One tiny run (8 simulated devices, mesh data 2 x fsdp 2 x tensor 2) is trained once per session
-(`tiny_run`) and converted once by the CLI in a one-device subprocess (`tiny_export`);
-test_finetune_hf.py uses them too. Other states are built eagerly (`_fresh_state`): jitting the
-initialisation costs a compilation per call.
+(the conftest fixture `tiny_run_dir`) and converted once by the CLI in a one-device subprocess
+(`tiny_export_cli`, `tiny_export_dir`); test_finetune_hf.py uses them too. Other states are
+built eagerly (`_fresh_state`): jitting the initialisation costs a compilation per call.
 """
 
 from __future__ import annotations
 
-import atexit
 import dataclasses
 import importlib.util
 import json
@@ -17,12 +16,12 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+from deberta_testing import TINY_RUN, TINY_YAML
 from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
@@ -53,61 +52,7 @@ from debertina_jax.runtime.checkpointing import (
 from debertina_jax.runtime.sharding import make_mesh
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "configs" / "tiny.yaml"
-RUN_OVERRIDES = [
-    "model.num_hidden_layers=2",
-    "generator.num_hidden_layers=1",
-    "data.vocab_size=400",
-    "data.max_seq_length=64",
-    "data.eval_lines=16",
-    "data.prepare_workers=1",
-    "train.batch_size=8",
-    "train.steps=20",
-    "train.log_every_steps=5",
-    "train.eval_every_steps=20",
-    "train.eval_batches=1",
-    "optimizer.warmup_steps=2",
-    "checkpoint.every_steps=10",
-    "mesh.data=2",
-    "mesh.fsdp=2",
-    "mesh.tensor=2",
-]
 WORD = "deberta.embeddings.word_embeddings.weight"
-
-_SHARED: dict[str, Path] = {}
-_SHARED_ROOT = Path(tempfile.mkdtemp(prefix="debertina-export-tests-"))
-atexit.register(shutil.rmtree, _SHARED_ROOT, ignore_errors=True)
-
-
-def tiny_run() -> Path:
-    """The workdir of a 20-step tiny run on 8 devices (checkpoints at steps 10 and 20)."""
-    if "run" not in _SHARED:
-        from debertina_jax.pretraining.loop import pretrain
-
-        workdir = _SHARED_ROOT / "run"
-        pretrain(load_config(TINY, RUN_OVERRIDES), workdir)
-        _SHARED["run"] = workdir
-    return _SHARED["run"]
-
-
-def _convert_in_subprocess() -> tuple[Path, subprocess.CompletedProcess]:
-    """`python convert_to_pt.py` with the defaults, on a machine with one CPU device."""
-    if "cli" not in _SHARED:
-        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-        env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-        out = _SHARED_ROOT / "export"
-        command = [sys.executable, str(REPO / "convert_to_pt.py"), "--workdir", str(tiny_run()),
-                   "--output", str(out)]  # fmt: skip
-        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-        _SHARED["cli"] = (out, done)
-    return _SHARED["cli"]
-
-
-def tiny_export() -> Path:
-    """OUT of the float32 export of `tiny_run`, both models, verified."""
-    out, done = _convert_in_subprocess()
-    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
-    return out
 
 
 def _fresh_state(config: Config, seed: int = 0) -> tuple[nnx.GraphDef, dict]:
@@ -118,7 +63,7 @@ def _fresh_state(config: Config, seed: int = 0) -> tuple[nnx.GraphDef, dict]:
 
 def _run_config(**overrides) -> Config:
     """The tiny run's config with some sections replaced (e.g. init=InitConfig(...))."""
-    config = load_config(TINY, RUN_OVERRIDES)
+    config = load_config(TINY_YAML, TINY_RUN)
     return dataclasses.replace(config, **overrides)
 
 
@@ -135,8 +80,8 @@ def _leftovers(parent: Path) -> list[str]:
 
 
 # ---- the main path -------------------------------------------------------------------------------
-def test_cli_converts_a_sharded_run_on_one_cpu_device():
-    out, done = _convert_in_subprocess()
+def test_cli_converts_a_sharded_run_on_one_cpu_device(tiny_export_cli):
+    out, done = tiny_export_cli.output, tiny_export_cli.process
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     # The defaults: the latest step, both models, float32, verified.
     assert "wrote discriminator of step 20" in done.stdout
@@ -173,10 +118,10 @@ print(json.dumps({"code": code, "modules": ours, "with_optax": with_optax}))
 """
 
 
-def test_conversion_loads_no_optimizer_and_no_train_step(tmp_path):
+def test_conversion_loads_no_optimizer_and_no_train_step(tmp_path, tiny_run_dir):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    args = ["--workdir", str(tiny_run()), "--output", str(tmp_path / "out"), "--no-verify"]
+    args = ["--workdir", str(tiny_run_dir), "--output", str(tmp_path / "out"), "--no-verify"]
     done = subprocess.run([sys.executable, "-c", _LOADED_BY_CLI, *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
@@ -188,8 +133,8 @@ def test_conversion_loads_no_optimizer_and_no_train_step(tmp_path):
     assert (tmp_path / "out" / "discriminator" / "model.safetensors").is_file()
 
 
-def test_discriminator_directory(tmp_path):
-    out = tiny_export() / "discriminator"
+def test_discriminator_directory(tmp_path, tiny_run_dir, tiny_export_dir):
+    out = tiny_export_dir / "discriminator"
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "deberta-v2"
     assert config["architectures"] == ["DebertaV2Model"]
@@ -201,7 +146,7 @@ def test_discriminator_directory(tmp_path):
         for p in ("weight", "bias")
     }
     # GDES merged: the table is E_G + E_delta of the checkpoint, not E_delta.
-    params = restore_checkpoint(tiny_run()).state["params"]
+    params = restore_checkpoint(tiny_run_dir).state["params"]
 
     def table(model: str) -> np.ndarray:
         embeddings = params[model]["deberta"]["embeddings"]
@@ -217,25 +162,25 @@ def test_discriminator_directory(tmp_path):
         np.testing.assert_array_equal(rtd[key], tensors[key])
 
 
-def test_model_card_says_what_was_trained():
-    card = (tiny_export() / "discriminator" / "README.md").read_text()
-    rows = [json.loads(line) for line in (tiny_run() / "metrics.jsonl").open()]
+def test_model_card_says_what_was_trained(tiny_run_dir, tiny_export_dir):
+    card = (tiny_export_dir / "discriminator" / "README.md").read_text()
+    rows = [json.loads(line) for line in (tiny_run_dir / "metrics.jsonl").open()]
     last_eval = [r for r in rows if r["split"] == "eval"][-1]
     assert "- steps: 20 (batch 8 x 64 tokens)" in card
     assert f"- tokens seen: {20 * 8 * 64:,}" in card
     assert f"rtd_accuracy: {last_eval['rtd_accuracy']:.4g}" in card
     assert "2 layers x 64 hidden" in card and "AutoModelForSequenceClassification" in card
-    tensors = read_hf_weights(tiny_export() / "discriminator")
+    tensors = read_hf_weights(tiny_export_dir / "discriminator")
     embeddings = tensors[WORD].size
     backbone = sum(v.size for k, v in tensors.items() if k.startswith("deberta.")) - embeddings
     assert f"backbone {backbone:,} + embeddings {embeddings:,} = {backbone + embeddings:,}" in card
-    generator_card = (tiny_export() / "generator" / "README.md").read_text()
+    generator_card = (tiny_export_dir / "generator" / "README.md").read_text()
     assert "fill-mask" in generator_card and "enhanced mask decoder" not in generator_card
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-def test_half_precision_exports_verify(dtype, tmp_path):
-    result = export(tiny_run(), tmp_path / "out", dtype=dtype, models=("generator",))
+def test_half_precision_exports_verify(dtype, tmp_path, tiny_run_dir):
+    result = export(tiny_run_dir, tmp_path / "out", dtype=dtype, models=("generator",))
     assert result.checks and all(c.passed for c in result.checks)
     rounding = [c for c in result.checks if c.against.startswith("JAX on the checkpoint")]
     assert all(0 < c.max_abs_diff <= c.tolerance for c in rounding)
@@ -249,9 +194,9 @@ def test_half_precision_exports_verify(dtype, tmp_path):
     assert not (tmp_path / "out" / "discriminator").exists()
 
 
-def test_older_step_and_generator_only(tmp_path):
+def test_older_step_and_generator_only(tmp_path, tiny_run_dir):
     result = export(
-        tiny_run(), tmp_path / "out", step=10, models=("generator",), verify_outputs=False
+        tiny_run_dir, tmp_path / "out", step=10, models=("generator",), verify_outputs=False
     )
     assert result.step == 10 and result.checks == []
     assert "- steps: 10 " in (tmp_path / "out" / "generator" / "README.md").read_text()
@@ -259,9 +204,8 @@ def test_older_step_and_generator_only(tmp_path):
 
 
 # ---- the enhanced mask decoder -------------------------------------------------------------------
-def _save_run(workdir: Path, config: Config, state: dict, step: int = 1) -> Path:
-    """A run directory holding one checkpoint of `state`, using the tiny run's tokenizer."""
-    tokenizer = tiny_run() / "tokenizer"
+def _save_run(workdir: Path, config: Config, state: dict, tokenizer: Path, step: int = 1) -> Path:
+    """A run directory holding one checkpoint of `state`, using `tokenizer` (the tiny run's)."""
     config = dataclasses.replace(
         config, data=dataclasses.replace(config.data, tokenizer_dir=str(tokenizer))
     )
@@ -271,14 +215,14 @@ def _save_run(workdir: Path, config: Config, state: dict, step: int = 1) -> Path
     return workdir
 
 
-def test_emd_generator_is_exported_with_a_warning_and_reimported_losslessly(tmp_path):
+def test_emd_generator_is_exported_with_a_warning_and_reimported_losslessly(tmp_path, tiny_run_dir):
     config = _run_config()
     generator = dataclasses.replace(
         config.generator, enhanced_mask_decoder=True, num_hidden_layers=2
     )
     config = dataclasses.replace(config, generator=generator)
     graphdef, state = _fresh_state(config, 3)
-    run = _save_run(tmp_path / "run", config, state)
+    run = _save_run(tmp_path / "run", config, state, tiny_run_dir / "tokenizer")
     result = export(run, tmp_path / "out", models=("generator",))
     assert any("enhanced mask decoder" in w for w in result.warnings)
     assert all(c.passed for c in result.checks)  # HF runs our export_generator() model exactly
@@ -314,18 +258,18 @@ def test_no_checkpoint(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_step_that_does_not_exist(tmp_path, capsys):
+def test_step_that_does_not_exist(tmp_path, capsys, tiny_run_dir):
     with pytest.raises(CheckpointNotFoundError, match=r"step 7 .*available steps: \[10, 20\]"):
-        export(tiny_run(), tmp_path / "out", step=7)
-    assert _cli("--workdir", str(tiny_run()), "--output", str(tmp_path / "o"), "--step", "7") == 1
+        export(tiny_run_dir, tmp_path / "out", step=7)
+    assert _cli("--workdir", str(tiny_run_dir), "--output", str(tmp_path / "o"), "--step", "7") == 1
     assert "error: no checkpoint for step 7" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
-def test_truncated_checkpoint(tmp_path, capsys):
+def test_truncated_checkpoint(tmp_path, capsys, tiny_run_dir):
     run = tmp_path / "run"
-    shutil.copytree(tiny_run() / "checkpoints", run / "checkpoints")
-    shutil.copytree(tiny_run() / "tokenizer", run / "tokenizer")
+    shutil.copytree(tiny_run_dir / "checkpoints", run / "checkpoints")
+    shutil.copytree(tiny_run_dir / "tokenizer", run / "tokenizer")
     data_files = [p for p in (run / "checkpoints" / "20" / "state").rglob("*") if p.is_file()]
     for path in data_files:
         if path.stat().st_size > 1000:
@@ -338,31 +282,31 @@ def test_truncated_checkpoint(tmp_path, capsys):
     export(run, tmp_path / "out", step=10, verify_outputs=False)
 
 
-def test_corrupted_checkpoint_metadata(tmp_path):
+def test_corrupted_checkpoint_metadata(tmp_path, tiny_run_dir):
     run = tmp_path / "run"
-    shutil.copytree(tiny_run() / "checkpoints", run / "checkpoints")
+    shutil.copytree(tiny_run_dir / "checkpoints", run / "checkpoints")
     (run / "checkpoints" / "20" / "meta" / "metadata").write_text("{not json")
     with pytest.raises(CheckpointRestoreError, match="cannot read .*20.*meta"):
         export(run, tmp_path / "out")
 
 
-def test_output_path_is_a_file(tmp_path, capsys):
+def test_output_path_is_a_file(tmp_path, capsys, tiny_run_dir):
     target = tmp_path / "model.bin"
     target.write_text("keep me")
     with pytest.raises(OutputPathError, match="is a file"):
-        export(tiny_run(), target)
-    assert _cli("--workdir", str(tiny_run()), "--output", str(target)) == 1
+        export(tiny_run_dir, target)
+    assert _cli("--workdir", str(tiny_run_dir), "--output", str(target)) == 1
     assert "is a file" in capsys.readouterr().err
     assert target.read_text() == "keep me"
 
 
-def test_non_empty_output_needs_overwrite_and_is_replaced_whole(tmp_path):
+def test_non_empty_output_needs_overwrite_and_is_replaced_whole(tmp_path, tiny_run_dir):
     out = tmp_path / "out"
     (out / "old").mkdir(parents=True)
     with pytest.raises(OutputPathError, match="not empty.*--overwrite"):
-        export(tiny_run(), out, verify_outputs=False)
+        export(tiny_run_dir, out, verify_outputs=False)
     assert (out / "old").is_dir()
-    export(tiny_run(), out, models=("generator",), verify_outputs=False, overwrite=True)
+    export(tiny_run_dir, out, models=("generator",), verify_outputs=False, overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == ["generator"]
     assert _leftovers(tmp_path) == []
     # Never the run itself, or a directory above it.
@@ -371,26 +315,26 @@ def test_non_empty_output_needs_overwrite_and_is_replaced_whole(tmp_path):
             export(tmp_path / "run", target, overwrite=True)
     # An empty directory is fine without --overwrite.
     (tmp_path / "empty").mkdir()
-    export(tiny_run(), tmp_path / "empty", models=("generator",), verify_outputs=False)
+    export(tiny_run_dir, tmp_path / "empty", models=("generator",), verify_outputs=False)
 
 
-def test_unsupported_dtype(tmp_path, capsys):
+def test_unsupported_dtype(tmp_path, capsys, tiny_run_dir):
     with pytest.raises(ExportError, match="unsupported dtype 'int8'.*float32, float16, bfloat16"):
-        export(tiny_run(), tmp_path / "out", dtype="int8")
+        export(tiny_run_dir, tmp_path / "out", dtype="int8")
     assert (
-        _cli("--workdir", str(tiny_run()), "--output", str(tmp_path / "o"), "--dtype", "fp8") == 1
+        _cli("--workdir", str(tiny_run_dir), "--output", str(tmp_path / "o"), "--dtype", "fp8") == 1
     )
     assert "unsupported dtype 'fp8'" in capsys.readouterr().err
 
 
-def test_float16_overflow_names_the_tensor(tmp_path):
+def test_float16_overflow_names_the_tensor(tmp_path, tiny_run_dir):
     config = _run_config()
     graphdef, state = _fresh_state(config)
     pair = merge_pair(graphdef, state)
     kernel = pair.discriminator.deberta.encoder.layers[1].intermediate.kernel
     kernel[...] = kernel[...].at[3, 5].set(1e6)
     state = {**state, "params": nnx.state(pair, nnx.Param)}
-    run = _save_run(tmp_path / "run", config, state)
+    run = _save_run(tmp_path / "run", config, state, tiny_run_dir / "tokenizer")
     with pytest.raises(
         Float16OverflowError,
         match=r"discriminator tensor deberta\.encoder\.layer\.1\.intermediate\.dense\.weight "
@@ -401,13 +345,13 @@ def test_float16_overflow_names_the_tensor(tmp_path):
     export(run, tmp_path / "out", dtype="bfloat16", verify_outputs=False)  # bfloat16 holds it
 
 
-def test_failed_verification_or_crash_writes_nothing(tmp_path, monkeypatch, capsys):
+def test_failed_verification_or_crash_writes_nothing(tmp_path, monkeypatch, capsys, tiny_run_dir):
     out = tmp_path / "out"
     (out / "previous").mkdir(parents=True)
     monkeypatch.setitem(verify_lib.TOLERANCES, "bfloat16", 0.0)
     with pytest.raises(VerificationError, match="hidden states"):
-        export(tiny_run(), out, dtype="bfloat16", models=("generator",), overwrite=True)
-    args = ["--workdir", str(tiny_run()), "--output", str(out), "--dtype", "bfloat16"]
+        export(tiny_run_dir, out, dtype="bfloat16", models=("generator",), overwrite=True)
+    args = ["--workdir", str(tiny_run_dir), "--output", str(out), "--dtype", "bfloat16"]
     assert _cli(*args, "--model", "generator", "--overwrite") == 3
     assert "FAILED" in capsys.readouterr().out
 
@@ -416,7 +360,7 @@ def test_failed_verification_or_crash_writes_nothing(tmp_path, monkeypatch, caps
 
     monkeypatch.setattr(export_lib, "verify", crash)
     with pytest.raises(KeyboardInterrupt):
-        export(tiny_run(), out, overwrite=True)
+        export(tiny_run_dir, out, overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == ["previous"]
     assert _leftovers(tmp_path) == []
 
@@ -440,8 +384,8 @@ def _assert_same(model, directory: Path) -> None:
         np.testing.assert_array_equal(ours[key], theirs[key], err_msg=key)
 
 
-def test_init_from_export_reproduces_it_exactly_under_gdes():
-    out = tiny_export()
+def test_init_from_export_reproduces_it_exactly_under_gdes(tiny_export_dir):
+    out = tiny_export_dir
     pair = _start(
         _init_config(
             discriminator_from_hf=str(out / "discriminator"),
@@ -456,8 +400,8 @@ def test_init_from_export_reproduces_it_exactly_under_gdes():
     assert np.abs(e_delta).max() > 0
 
 
-def test_init_discriminator_only_gives_the_generator_its_table():
-    out = tiny_export() / "discriminator"
+def test_init_discriminator_only_gives_the_generator_its_table(tiny_export_dir):
+    out = tiny_export_dir / "discriminator"
     pair = _start(_init_config(discriminator_from_hf=str(out)))
     _assert_same(pair.export_discriminator(), out)
     e_g = np.asarray(pair.generator.deberta.embeddings.word_embeddings.embedding[...])
@@ -466,8 +410,8 @@ def test_init_discriminator_only_gives_the_generator_its_table():
 
 
 @pytest.mark.parametrize("sharing", ["es", "nes"])
-def test_init_under_es_and_nes(sharing):
-    out = tiny_export()
+def test_init_under_es_and_nes(sharing, tiny_export_dir):
+    out = tiny_export_dir
     config = _init_config(
         discriminator_from_hf=str(out / "discriminator"), generator_from_hf=str(out / "generator")
     )
@@ -480,9 +424,9 @@ def test_init_under_es_and_nes(sharing):
     np.testing.assert_array_equal(e_g, read_hf_weights(source)[WORD])
 
 
-def test_init_from_a_plain_encoder_keeps_a_fresh_rtd_head(tmp_path, caplog):
+def test_init_from_a_plain_encoder_keeps_a_fresh_rtd_head(tmp_path, caplog, tiny_export_dir):
     plain = tmp_path / "plain"
-    shutil.copytree(tiny_export() / "discriminator", plain)
+    shutil.copytree(tiny_export_dir / "discriminator", plain)
     tensors = {k.removeprefix("deberta."): v for k, v in read_hf_weights(plain).items()
                if not k.startswith("mask_predictions.")}  # fmt: skip
     save_file(tensors, str(plain / "model.safetensors"), metadata={"format": "pt"})
@@ -493,8 +437,8 @@ def test_init_from_a_plain_encoder_keeps_a_fresh_rtd_head(tmp_path, caplog):
         np.testing.assert_array_equal(ours["deberta." + key], value)
 
 
-def test_init_refuses_a_different_shape_or_vocabulary(tmp_path):
-    out = tiny_export() / "discriminator"
+def test_init_refuses_a_different_shape_or_vocabulary(tmp_path, tiny_export_dir):
+    out = tiny_export_dir / "discriminator"
     config = _init_config(discriminator_from_hf=str(out))
     wider = dataclasses.replace(config, model=config.model.replace(vocab_size=2100))
     with pytest.raises(HFInitError) as info:
@@ -517,10 +461,10 @@ def test_init_refuses_a_different_shape_or_vocabulary(tmp_path):
         _start(_init_config(generator_from_hf=str(tmp_path / "missing")))
 
 
-def test_a_new_run_starts_from_the_export():
+def test_a_new_run_starts_from_the_export(tiny_export_dir):
     """create_train_state, as pretrain() calls it, with init.* set: the first step's weights
     are the exported ones, sharded over the run's mesh."""
-    out = tiny_export()
+    out = tiny_export_dir
     config = _init_config(
         discriminator_from_hf=str(out / "discriminator"), generator_from_hf=str(out / "generator")
     )

@@ -1,5 +1,7 @@
 """The exported tiny model in plain transformers + PyTorch, as a user would take it: fine-tune a
-sequence classifier on a few labelled Portuguese sentences, and fill masks with the generator."""
+sequence classifier on a few labelled Portuguese sentences, and fill masks with the generator.
+
+The model is the session's tiny run converted by convert_to_pt.py (conftest.tiny_export_dir)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from test_export import tiny_export  # the session's tiny run, converted by convert_to_pt.py
 
 from debertina_jax.hf.convert import from_hf
 
@@ -35,8 +36,8 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
-def test_sequence_classification_fine_tunes_in_pytorch(one_torch_thread):
-    path = tiny_export() / "discriminator"
+def test_sequence_classification_fine_tunes_in_pytorch(one_torch_thread, tiny_export_dir):
+    path = tiny_export_dir / "discriminator"
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     model, info = transformers.AutoModelForSequenceClassification.from_pretrained(
         path, num_labels=2, output_loading_info=True
@@ -68,8 +69,8 @@ def test_sequence_classification_fine_tunes_in_pytorch(one_torch_thread):
     assert after < 0.5 * before, (before, after)
 
 
-def test_generator_fills_masks():
-    path = tiny_export() / "generator"
+def test_generator_fills_masks(tiny_export_dir):
+    path = tiny_export_dir / "generator"
     _, info = transformers.AutoModelForMaskedLM.from_pretrained(path, output_loading_info=True)
     assert not any(info.values()), info
     fill = transformers.pipeline("fill-mask", model=str(path), top_k=5)

@@ -11,66 +11,53 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from deberta_testing import REPO, TINY_YAML
 
 from debertina_jax.config import load_config
-from debertina_jax.data.workdir import ensure_data
 from debertina_jax.runtime.metrics_log import read_metrics
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "configs" / "tiny.yaml"
 
-# A smaller cousin of configs/tiny.yaml so that every run compiles and steps fast.
-FAST = [
-    "data.vocab_size=400",
-    "data.max_seq_length=64",
-    "data.eval_lines=16",
-    "train.batch_size=8",
-    "train.log_every_steps=1",
-    "train.eval_every_steps=1000",
-    "train.eval_batches=1",
-    "optimizer.warmup_steps=2",
-]
+@pytest.fixture(scope="session")
+def compile_cache(tmp_path_factory) -> Path:
+    """JAX's persistent compilation cache for the runs: runs of the same program (config and
+    mesh) compile once."""
+    return tmp_path_factory.mktemp("jax_compilation_cache")
 
 
-_CACHE = Path(tempfile.mkdtemp(prefix="debertina-jax-cache-"))
-
-
-@pytest.fixture(scope="module")
-def data_overrides(tmp_path_factory) -> list[str]:
-    """Tokenizer and shards made once, shared by every run of this module."""
-    root = tmp_path_factory.mktemp("shared")
-    overrides = FAST + [f"data.tokenizer_dir={root}/tokenizer", f"data.prepared_dir={root}/data"]
-    ensure_data(load_config(TINY, overrides), root)
-    return overrides
+@pytest.fixture(scope="session")
+def data_overrides(small_run_overrides) -> list[str]:
+    """Every run logs each step (the tests compare step by step) and evaluates only at its end."""
+    return small_run_overrides + ["train.log_every_steps=1", "train.eval_every_steps=1000"]
 
 
 def _command(workdir: Path, overrides: list[str]) -> list[str]:
-    return [sys.executable, str(REPO / "run_pretrain.py"), "--config", str(TINY),
+    return [sys.executable, str(REPO / "run_pretrain.py"), "--config", str(TINY_YAML),
             "--workdir", str(workdir), *overrides]  # fmt: skip
 
 
-def _env(devices: int, **extra: str) -> dict[str, str]:
+def _env(devices: int, cache: Path, **extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     env["JAX_PLATFORMS"] = "cpu"
-    # Runs of the same program (same config and mesh) compile once.
-    env["JAX_COMPILATION_CACHE_DIR"] = str(_CACHE)
+    env["JAX_COMPILATION_CACHE_DIR"] = str(cache)
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
     env.update(extra)
     return env
 
 
-def _run(workdir: Path, overrides: list[str], devices: int = 8) -> subprocess.CompletedProcess:
+def _run(
+    workdir: Path, overrides: list[str], cache: Path, devices: int = 8
+) -> subprocess.CompletedProcess:
     done = subprocess.run(
-        _command(workdir, overrides), env=_env(devices), capture_output=True, text=True, timeout=600
-    )
+        _command(workdir, overrides), env=_env(devices, cache), capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
@@ -91,18 +78,18 @@ def _wait_for(predicate, process: subprocess.Popen, timeout: float = 300) -> Non
 
 
 @pytest.fixture(scope="module")
-def reference(data_overrides, tmp_path_factory) -> dict[int, float]:
+def reference(data_overrides, compile_cache, tmp_path_factory) -> dict[int, float]:
     """The losses of an uninterrupted 40-step run on 8 devices."""
     workdir = tmp_path_factory.mktemp("reference")
-    _run(workdir, data_overrides + ["train.steps=40", "checkpoint.every_steps=10"])
+    _run(workdir, data_overrides + ["train.steps=40", "checkpoint.every_steps=10"], compile_cache)
     losses = _losses(workdir)
     assert sorted(losses) == list(range(1, 41))
     return losses
 
 
-def _start(workdir: Path, overrides: list[str]) -> subprocess.Popen:
+def _start(workdir: Path, overrides: list[str], cache: Path) -> subprocess.Popen:
     return subprocess.Popen(
-        _command(workdir, overrides), env=_env(8), stdout=subprocess.PIPE,
+        _command(workdir, overrides), env=_env(8, cache), stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
 
@@ -112,12 +99,12 @@ def _checkpoints(workdir: Path) -> list[int]:
 
 
 def test_sigterm_then_sigkill_then_resume_gives_the_same_losses(
-    reference, data_overrides, tmp_path
+    reference, data_overrides, compile_cache, tmp_path
 ):
     overrides = data_overrides + ["train.steps=40", "checkpoint.every_steps=10"]
 
     # SIGTERM (a TPU preemption notice): save at the next step boundary and exit cleanly.
-    process = _start(tmp_path, overrides)
+    process = _start(tmp_path, overrides, compile_cache)
     _wait_for(lambda: (tmp_path / "metrics.jsonl").is_file() and len(_losses(tmp_path)) >= 2,
               process)  # fmt: skip
     process.send_signal(signal.SIGTERM)
@@ -128,13 +115,13 @@ def test_sigterm_then_sigkill_then_resume_gives_the_same_losses(
     assert stopped_at == max(_losses(tmp_path)) < 40
 
     # SIGKILL (no warning at all) after the periodic checkpoint of step 20.
-    process = _start(tmp_path, overrides)  # resumes from `stopped_at`
+    process = _start(tmp_path, overrides, compile_cache)  # resumes from `stopped_at`
     _wait_for(lambda: 20 in _checkpoints(tmp_path), process)
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert max(_losses(tmp_path)) < 40, "the run finished before it could be killed"
 
-    _run(tmp_path, overrides)  # the same command again resumes from step 20
+    _run(tmp_path, overrides, compile_cache)  # the same command again resumes from step 20
     losses = _losses(tmp_path)
     assert sorted(losses) == list(range(1, 41))  # no step logged twice or missing
     for step in range(1, 41):
@@ -147,9 +134,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_same_losses_on_1_device_and_on_2_processes(data_overrides, tmp_path):
+def test_same_losses_on_1_device_and_on_2_processes(data_overrides, compile_cache, tmp_path):
     overrides = data_overrides + ["train.steps=8", "checkpoint.every_steps=8"]
-    _run(tmp_path / "one", overrides, devices=1)
+    _run(tmp_path / "one", overrides, compile_cache, devices=1)
     expected = [_losses(tmp_path / "one")[s] for s in range(1, 9)]
 
     # (Meshes of 8 devices in one process, data=8, fsdp=8 and 2x2x2, are compared with one
@@ -161,6 +148,7 @@ def test_same_losses_on_1_device_and_on_2_processes(data_overrides, tmp_path):
             _command(tmp_path / "pod", overrides),
             env=_env(
                 4,
+                compile_cache,
                 JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
                 JAX_NUM_PROCESSES="2",
                 JAX_PROCESS_ID=str(i),
@@ -210,7 +198,7 @@ def test_bad_overrides_fail_before_anything_starts(override, message, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_learning_on_the_sample_corpus(data_overrides, tmp_path):
+def test_learning_on_the_sample_corpus(data_overrides, compile_cache, tmp_path):
     """A few hundred steps of the tiny config on held-out text: the generator learns well past
     log(vocab), and the discriminator reaches the "everything is original" baseline.
 
@@ -223,11 +211,11 @@ def test_learning_on_the_sample_corpus(data_overrides, tmp_path):
                                      "train.log_every_steps=50", "train.eval_every_steps=125",
                                      "train.eval_batches=2", "checkpoint.every_steps=1000",
                                      "optimizer.learning_rate=2e-3", "optimizer.warmup_steps=25"],
-         devices=1)  # fmt: skip
+         compile_cache, devices=1)  # fmt: skip
     evals = read_metrics(tmp_path, split="eval")
     assert [row["step"] for row in evals] == [125, 250]
     last = evals[-1]
-    vocab = load_config(TINY, data_overrides).data.vocab_size + 1
+    vocab = load_config(TINY_YAML, data_overrides).data.vocab_size + 1
     assert last["mlm_loss"] < np.log(vocab) - 0.5, last
     assert last["mlm_accuracy"] > 0.03, last
     baseline = 1.0 - last["replaced_fraction"]
