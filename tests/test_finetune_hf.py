@@ -39,6 +39,7 @@ def one_torch_thread():
 def test_sequence_classification_fine_tunes_in_pytorch(one_torch_thread, tiny_export_dir):
     path = tiny_export_dir / "discriminator"
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    torch.manual_seed(0)  # the new head's initial weights, whatever ran before in this process
     model, info = transformers.AutoModelForSequenceClassification.from_pretrained(
         path, num_labels=2, output_loading_info=True
     )
@@ -57,11 +58,12 @@ def test_sequence_classification_fine_tunes_in_pytorch(one_torch_thread, tiny_ex
         with torch.no_grad():
             return model(**batch, labels=labels).loss.item()
 
-    torch.manual_seed(0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     before = loss()
     model.train()
-    for _ in range(12):
+    # 24 steps: measured over 20 initial heads, the loss ends below 0.003 x the first one;
+    # after 12 steps it was above half for 7 of them.
+    for _ in range(24):
         model(**batch, labels=labels).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
