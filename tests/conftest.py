@@ -75,12 +75,18 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _session_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The temporary directory of this session that every xdist worker sees: the parent of
+    the workers' own ones."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
 def _made_once(tmp_path_factory: pytest.TempPathFactory, name: str,
                make: Callable[[Path], None]) -> Path:  # fmt: skip
     """The directory `name` of this session, filled by `make` in the first process that asks
-    for it; the xdist workers share their base temporary directory's parent."""
-    base = tmp_path_factory.getbasetemp()
-    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    for it."""
+    root = _session_dir(tmp_path_factory)
     path, done, failed = root / name, root / f"{name}.done", root / f"{name}.failed"
     with _locked(root / f"{name}.lock"):
         if failed.exists():
@@ -146,6 +152,19 @@ def tiny_export_dir(tiny_export_cli: ExportRun) -> Path:
     done = tiny_export_cli.process
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     return tiny_export_cli.output
+
+
+@pytest.fixture(scope="session")
+def compile_cache_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Environment variables that give the JAX processes a test starts (pretraining runs, say)
+    one persistent compilation cache for the session, so that processes that run the same
+    program (same config and mesh) compile it once. (JAX reads and writes it safely from
+    several processes at once.)"""
+    return {
+        "JAX_COMPILATION_CACHE_DIR": str(_session_dir(tmp_path_factory) / "jax_compilation_cache"),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
+    }
 
 
 def _small_run_data(root: Path) -> list[str]:

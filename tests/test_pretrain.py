@@ -23,13 +23,6 @@ from debertina_jax.runtime.metrics_log import read_metrics
 
 
 @pytest.fixture(scope="session")
-def compile_cache(tmp_path_factory) -> Path:
-    """JAX's persistent compilation cache for the runs: runs of the same program (config and
-    mesh) compile once."""
-    return tmp_path_factory.mktemp("jax_compilation_cache")
-
-
-@pytest.fixture(scope="session")
 def data_overrides(small_run_overrides) -> list[str]:
     """Every run logs each step (the tests compare step by step) and evaluates only at its end."""
     return small_run_overrides + ["train.log_every_steps=1", "train.eval_every_steps=1000"]
@@ -40,19 +33,17 @@ def _command(workdir: Path, overrides: list[str]) -> list[str]:
             "--workdir", str(workdir), *overrides]  # fmt: skip
 
 
-def _env(devices: int, cache: Path, **extra: str) -> dict[str, str]:
-    env = dict(os.environ)
+def _env(devices: int, cache: dict[str, str], **extra: str) -> dict[str, str]:
+    """`cache`: conftest's compile_cache_env, so that runs of the same program compile once."""
+    env = dict(os.environ, **cache)
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     env["JAX_PLATFORMS"] = "cpu"
-    env["JAX_COMPILATION_CACHE_DIR"] = str(cache)
-    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-    env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
     env.update(extra)
     return env
 
 
 def _run(
-    workdir: Path, overrides: list[str], cache: Path, devices: int = 8
+    workdir: Path, overrides: list[str], cache: dict[str, str], devices: int = 8
 ) -> subprocess.CompletedProcess:
     done = subprocess.run(
         _command(workdir, overrides), env=_env(devices, cache), capture_output=True, text=True,
@@ -78,16 +69,17 @@ def _wait_for(predicate, process: subprocess.Popen, timeout: float = 300) -> Non
 
 
 @pytest.fixture(scope="module")
-def reference(data_overrides, compile_cache, tmp_path_factory) -> dict[int, float]:
+def reference(data_overrides, compile_cache_env, tmp_path_factory) -> dict[int, float]:
     """The losses of an uninterrupted 40-step run on 8 devices."""
     workdir = tmp_path_factory.mktemp("reference")
-    _run(workdir, data_overrides + ["train.steps=40", "checkpoint.every_steps=10"], compile_cache)
+    overrides = data_overrides + ["train.steps=40", "checkpoint.every_steps=10"]
+    _run(workdir, overrides, compile_cache_env)
     losses = _losses(workdir)
     assert sorted(losses) == list(range(1, 41))
     return losses
 
 
-def _start(workdir: Path, overrides: list[str], cache: Path) -> subprocess.Popen:
+def _start(workdir: Path, overrides: list[str], cache: dict[str, str]) -> subprocess.Popen:
     return subprocess.Popen(
         _command(workdir, overrides), env=_env(8, cache), stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True,
@@ -99,12 +91,12 @@ def _checkpoints(workdir: Path) -> list[int]:
 
 
 def test_sigterm_then_sigkill_then_resume_gives_the_same_losses(
-    reference, data_overrides, compile_cache, tmp_path
+    reference, data_overrides, compile_cache_env, tmp_path
 ):
     overrides = data_overrides + ["train.steps=40", "checkpoint.every_steps=10"]
 
     # SIGTERM (a TPU preemption notice): save at the next step boundary and exit cleanly.
-    process = _start(tmp_path, overrides, compile_cache)
+    process = _start(tmp_path, overrides, compile_cache_env)
     _wait_for(lambda: (tmp_path / "metrics.jsonl").is_file() and len(_losses(tmp_path)) >= 2,
               process)  # fmt: skip
     process.send_signal(signal.SIGTERM)
@@ -115,13 +107,13 @@ def test_sigterm_then_sigkill_then_resume_gives_the_same_losses(
     assert stopped_at == max(_losses(tmp_path)) < 40
 
     # SIGKILL (no warning at all) after the periodic checkpoint of step 20.
-    process = _start(tmp_path, overrides, compile_cache)  # resumes from `stopped_at`
+    process = _start(tmp_path, overrides, compile_cache_env)  # resumes from `stopped_at`
     _wait_for(lambda: 20 in _checkpoints(tmp_path), process)
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert max(_losses(tmp_path)) < 40, "the run finished before it could be killed"
 
-    _run(tmp_path, overrides, compile_cache)  # the same command again resumes from step 20
+    _run(tmp_path, overrides, compile_cache_env)  # the same command again resumes from step 20
     losses = _losses(tmp_path)
     assert sorted(losses) == list(range(1, 41))  # no step logged twice or missing
     for step in range(1, 41):
@@ -134,9 +126,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_same_losses_on_1_device_and_on_2_processes(data_overrides, compile_cache, tmp_path):
+def test_same_losses_on_1_device_and_on_2_processes(data_overrides, compile_cache_env, tmp_path):
     overrides = data_overrides + ["train.steps=8", "checkpoint.every_steps=8"]
-    _run(tmp_path / "one", overrides, compile_cache, devices=1)
+    _run(tmp_path / "one", overrides, compile_cache_env, devices=1)
     expected = [_losses(tmp_path / "one")[s] for s in range(1, 9)]
 
     # (Meshes of 8 devices in one process, data=8, fsdp=8 and 2x2x2, are compared with one
@@ -148,7 +140,7 @@ def test_same_losses_on_1_device_and_on_2_processes(data_overrides, compile_cach
             _command(tmp_path / "pod", overrides),
             env=_env(
                 4,
-                compile_cache,
+                compile_cache_env,
                 JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
                 JAX_NUM_PROCESSES="2",
                 JAX_PROCESS_ID=str(i),
@@ -198,7 +190,7 @@ def test_bad_overrides_fail_before_anything_starts(override, message, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_learning_on_the_sample_corpus(data_overrides, compile_cache, tmp_path):
+def test_learning_on_the_sample_corpus(data_overrides, compile_cache_env, tmp_path):
     """A few hundred steps of the tiny config on held-out text: the generator learns well past
     log(vocab), and the discriminator reaches the "everything is original" baseline.
 
@@ -211,7 +203,7 @@ def test_learning_on_the_sample_corpus(data_overrides, compile_cache, tmp_path):
                                      "train.log_every_steps=50", "train.eval_every_steps=125",
                                      "train.eval_batches=2", "checkpoint.every_steps=1000",
                                      "optimizer.learning_rate=2e-3", "optimizer.warmup_steps=25"],
-         compile_cache, devices=1)  # fmt: skip
+         compile_cache_env, devices=1)  # fmt: skip
     evals = read_metrics(tmp_path, split="eval")
     assert [row["step"] for row in evals] == [125, 250]
     last = evals[-1]
