@@ -44,6 +44,9 @@ def _uptime() -> str:
     return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
 
+UPTIMES: dict[str, list[str]] = {}  # run -> uptime before and after it, when trained now
+
+
 def _run(root: Path, name: str, overrides: list[str]) -> list[dict[str, Any]]:
     """Trains (or reuses a finished run) and returns its metrics rows."""
     from debertina_jax.config import load_config
@@ -54,8 +57,9 @@ def _run(root: Path, name: str, overrides: list[str]) -> list[dict[str, Any]]:
     data = [f"data.tokenizer_dir={root}/tokenizer", f"data.prepared_dir={root}/data"]
     config = load_config(TINY_YAML, [*data, f"train.log_every_steps={LOG_EVERY}", *overrides])
     if not (workdir / "checkpoints" / str(config.train.steps)).is_dir():
-        started = time.perf_counter()
+        started, before = time.perf_counter(), _uptime()
         pretrain(config, workdir)
+        UPTIMES[name] = [before, _uptime()]
         logging.warning("%s: %.0f s", name, time.perf_counter() - started)
     return read_metrics(workdir)
 
@@ -145,6 +149,7 @@ def main() -> None:
         report[name] = {"seconds_per_step": seconds, "tokens_per_second": tokens,
                         "eval_curve": curve, "train_curve": _train_curve(rows, 50)}  # fmt: skip
     report["uptime_after"] = _uptime()
+    report["uptime_per_run"] = UPTIMES  # runs reused from an earlier call are not listed
     (args.root / "report.json").write_text(json.dumps(report, indent=1))
 
     print(f"uptime before: {report['uptime_before']}\nuptime after:  {report['uptime_after']}")
