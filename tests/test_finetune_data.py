@@ -220,6 +220,16 @@ def test_the_shipped_demo_task():
     assert names == ["ciência", "culinária", "desporto", "tecnologia"]
     check_labels(validation, names)
     assert not {t for (t,) in train.texts} & {t for (t,) in validation.texts}
+    frases = {s: load_split(named_task("frases"), s, None) for s in ("train", "validation")}
+    assert (len(frases["train"]), len(frases["validation"])) == (240, 160)
+    for split, examples in frases.items():
+        # Each sentence of the split once as written, once corrupted.
+        natural = {
+            t for (t,), y in zip(examples.texts, examples.labels, strict=True) if y == "natural"
+        }
+        source = train if split == "train" else validation
+        assert natural == {t for (t,) in source.texts}
+        assert examples.labels.count("corrompida") == len(natural)
     with pytest.raises(TaskFileError, match="unknown task 'assin3'; named tasks: assin2-rte"):
         named_task("assin3")
 

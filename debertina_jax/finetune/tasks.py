@@ -17,7 +17,9 @@ give the same examples. The second form is how the loading code is tested offlin
 | lener-br   | hub peluz/lener_br         | tokens              | ner_tags, 13 BIO tags    |
 |            |                            |                     | (entity F1)              |
 | temas      | package sample_data/tarefas| texto               | tema, 4 topics           |
-|            | (offline, the demo's task) |                     | (accuracy, macro F1)     |
+|            | (offline, the demo's tasks)|                     | (accuracy, macro F1)     |
+| frases     | package sample_data/tarefas| frase               | rotulo: natural or       |
+|            |                            |                     | corrompida (accuracy...) |
 
 Splits are the datasets' own train / validation / test, the ones the papers report on.
 """
@@ -105,6 +107,14 @@ NAMED_TASKS: dict[str, TaskSpec] = {
             "classification",
             ("accuracy", "macro_f1"),
             package_dir="tarefas/temas",
+        ),
+        TaskSpec(
+            "frases",
+            ("frase",),
+            "rotulo",
+            "classification",
+            ("accuracy", "macro_f1"),
+            package_dir="tarefas/frases",
         ),
     )
 }
