@@ -209,7 +209,7 @@ sys.exit(main(sys.argv[1:]))
 
 
 @pytest.fixture(scope="module")
-def run_settings(small_run_overrides, tmp_path_factory) -> tuple[list[str], dict[str, str]]:
+def run_settings(small_run_overrides, compile_cache_env) -> tuple[list[str], dict[str, str]]:
     """Overrides of a 10-step run: 4 steps of 16 x 32 tokens, 6 of 8 x 64, with the decoupled
     optimizers, wsd (decay from step 5) and the EMA; and the children's environment."""
     overrides = small_run_overrides + [
@@ -221,9 +221,7 @@ def run_settings(small_run_overrides, tmp_path_factory) -> tuple[list[str], dict
         "checkpoint.every_steps=2", "checkpoint.keep=3",
     ]  # fmt: skip
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
-               JAX_PLATFORMS="cpu", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
-               JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("phases_cache")))  # fmt: skip
+               JAX_PLATFORMS="cpu", **compile_cache_env)  # fmt: skip
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     return overrides, env
 
