@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import time
-import uuid
 
 from tensorboardX.event_file_writer import EventsWriter
 from tensorboardX.proto.event_pb2 import Event, SessionLog
@@ -21,9 +20,10 @@ from tensorboardX.summary import scalar
 class EventFile:
     def __init__(self, directory: str, purge_step: int | None = None) -> None:
         os.makedirs(directory, exist_ok=True)
-        # A random suffix: two runs started in the same second on one host (a quick resume)
-        # would otherwise share a name, and a bucket copy would overwrite the first's events.
-        suffix = f".{uuid.uuid4().hex[:8]}"
+        # A nanosecond suffix: two runs started in the same second on one host (a quick resume)
+        # would otherwise share a name (a bucket copy would overwrite the first's events), and
+        # readers order files by name, so the later run's file must sort last.
+        suffix = f".{time.time_ns()}"
         self._writer = EventsWriter(os.path.join(directory, "events"), filename_suffix=suffix)
         if purge_step is not None:
             start = SessionLog(status=SessionLog.START)
