@@ -7,13 +7,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from dataset_testing import SPLIT, build_tfds_corpus, write_hf_corpus
 
 import debertina_jax
 from debertina_jax.cli import prepare as prepare_cli
 from debertina_jax.data import format as fmt
 from debertina_jax.data import prepare as prep
 from debertina_jax.data.sources import DocumentSource, EmptyCorpusError, SourceError, WorkUnit
+from debertina_jax.data.sources.hf_datasets import HfDataset, HfDatasetSource
 from debertina_jax.data.sources.local import LocalFiles
+from debertina_jax.data.sources.tfds import TfdsSource
 from debertina_jax.data.tokenizer import Tokenizer, train_tokenizer
 
 SAMPLE_DIR = Path(debertina_jax.__file__).parent / "sample_data" / "pt"
@@ -300,3 +303,36 @@ def test_a_dead_worker_fails_the_run_instead_of_hanging(corpus, tok_dir, tmp_pat
     source = _Units([*LocalFiles([corpus], chunk_bytes=1 << 14).units(), _DyingUnit()])
     with pytest.raises(BrokenProcessPool):
         prep.prepare(source, tok_dir, tmp_path, num_workers=2, show_progress=False)
+
+
+# ---- the dataset sources: `--tfds` and `--hf-dataset`, on corpora built here from local files --
+def _stored_ids(out: Path) -> np.ndarray:
+    return np.concatenate([line[1:-1] for line in _lines(out, "train")])
+
+
+def test_cli_prepares_a_tfds_dataset_and_an_hf_dataset(tokenizer, tok_dir, tmp_path, capsys):
+    docs = [f"Documento {i}: a ação número {i * 7} e a informação {i}." for i in range(30)]
+    name = build_tfds_corpus(tmp_path / "tfds", docs)
+    hf_path = write_hf_corpus(tmp_path / "hf", docs)
+    common = ["--tokenizer", str(tok_dir), "--eval-lines", "0", "--max-seq-length", str(SEQ),
+              "--no-progress", "--num-workers", "1"]  # fmt: skip
+    tfds_args = ["--tfds", name, "--split", SPLIT, "--data-dir", str(tmp_path / "tfds")]
+    hf_args = ["--hf-dataset", hf_path, "--hf-config", SPLIT]
+    for out, source in ((tmp_path / "from-tfds", tfds_args), (tmp_path / "from-hf", hf_args)):
+        assert prepare_cli.main([*common, "--output", str(out), *source]) == 0, capsys.readouterr()
+        assert "30 documents" in capsys.readouterr().out
+    # Each holds every document once, in its source's order (TFDS stores them shuffled by key).
+    for out, source in (
+        (tmp_path / "from-tfds", TfdsSource(name, SPLIT, str(tmp_path / "tfds"))),
+        (tmp_path / "from-hf", HfDatasetSource(HfDataset(hf_path, SPLIT, "train"))),
+    ):
+        in_order = list(source.documents())
+        assert sorted(in_order) == sorted(docs)
+        expected = np.concatenate([np.asarray(ids, np.int32)
+                                   for ids in tokenizer.encode_batch(in_order)])  # fmt: skip
+        np.testing.assert_array_equal(_stored_ids(out), expected)
+    missing = [*common, "--output", str(tmp_path / "x"), "--tfds", "no_such_corpus",
+               "--data-dir", str(tmp_path / "tfds")]  # fmt: skip
+    assert prepare_cli.main(missing) == 2
+    err = capsys.readouterr().err
+    assert "cannot open TFDS dataset 'no_such_corpus'" in err and "Traceback" not in err

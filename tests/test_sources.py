@@ -5,13 +5,18 @@ import gzip
 import json
 import pickle
 import random
+import sys
 
 import pytest
+from dataset_testing import SPLIT, build_tfds_corpus, write_hf_corpus
+from deberta_testing import TINY_YAML
 
+from debertina_jax.config import load_config
 from debertina_jax.data.sources import MissingExtraError, SourceError, local
 from debertina_jax.data.sources.hf_datasets import HfDataset, HfDatasetSource
 from debertina_jax.data.sources.local import LocalFiles, find_files
 from debertina_jax.data.sources.tfds import TfdsSource
+from debertina_jax.data.workdir import source_from_config
 
 DOCS = [
     "Primeiro documento.\nCom uma segunda linha.",
@@ -216,16 +221,48 @@ def test_missing_extras_say_what_to_install(without, tmp_path):
         LocalFiles([path]).units()
 
 
-def test_tfds_source_with_mock_data():
-    tfds = pytest.importorskip("tensorflow_datasets")
-    with tfds.testing.mock_data(num_examples=5):
-        source = TfdsSource("c4/multilingual:3.0.1", "pt", num_units=4)
-        docs = _documents(source)
-    assert len(docs) == 5 and all(isinstance(d, str) and d for d in docs)
+def test_tfds_source_reads_a_dataset_built_from_local_files(tmp_path):
+    """A TFDS dataset prepared here (ArrayRecord): read without TensorFlow, cut into example
+    ranges, every document once, in the stored order."""
+    docs = [f"documento {i}: ação número {i * 7}." for i in range(23)]
+    name = build_tfds_corpus(tmp_path, docs)
+    source = TfdsSource(name, SPLIT, str(tmp_path), num_units=4)
+    units = source.units()
+    assert [u.split for u in units] == ["pt[0:5]", "pt[5:11]", "pt[11:17]", "pt[17:23]"]
+    read = _documents(source)
+    assert sorted(read) == sorted(docs)
+    assert read == _documents(TfdsSource(name, SPLIT, str(tmp_path), num_units=1))
+    assert pickle.loads(pickle.dumps(units[1])).key == units[1].key
+    assert "tensorflow" not in sys.modules  # the test extra has no TensorFlow
+
+    with pytest.raises(SourceError, match=r"has no split 'en' \(splits: \['pt'\]\)"):
+        TfdsSource(name, "en", str(tmp_path)).units()
+    with pytest.raises(SourceError, match="examples have no feature 'body'"):
+        _documents(TfdsSource(name, SPLIT, str(tmp_path), text_key="body"))
+    with pytest.raises(SourceError, match="cannot open TFDS dataset 'no_such_corpus'"):
+        TfdsSource("no_such_corpus", SPLIT, str(tmp_path)).units()
+
+
+def test_data_source_settings_pick_tfds_and_hf(tmp_path):
+    """data.source=tfds|hf: the config's settings reach the source that reads them."""
+    docs = [f"texto {i} com ação" for i in range(12)]
+    name = build_tfds_corpus(tmp_path / "tfds", docs)
+    tfds_config = load_config(TINY_YAML, [
+        "data.source=tfds", f"data.tfds_name={name}", f"data.tfds_split={SPLIT}",
+        f"data.tfds_data_dir={tmp_path / 'tfds'}",
+    ])  # fmt: skip
+    assert sorted(source_from_config(tfds_config.data).documents()) == sorted(docs)
+    hf_path = write_hf_corpus(tmp_path / "hf", docs)
+    hf_config = load_config(TINY_YAML, [
+        "data.source=hf", f"data.hf_name={hf_path}", f"data.hf_config={SPLIT}",
+        "data.hf_split=train",
+    ])  # fmt: skip
+    source = source_from_config(hf_config.data)
+    assert len(source.units()) == 3  # its three files
+    assert sorted(source.documents()) == sorted(docs)
 
 
 def test_hf_datasets_source_on_local_json(tmp_path):
-    pytest.importorskip("datasets")
     docs = [f"texto {i} com ação" for i in range(30)]
     files = []
     for k in range(3):

@@ -1,9 +1,11 @@
 """TensorFlow Datasets, e.g. mC4 Portuguese: `c4/multilingual:3.0.1`, split `pt`.
 
-Needs the `tfds` extra (tensorflow-datasets and TensorFlow, imported only when the source is
-read). `data_dir` may be a local folder or a gs:// path holding the prepared dataset; nothing is
-downloaded or generated here. A split of known size is cut into `num_units` contiguous example
-ranges (`pt[a:b]`), so several processes read it at once.
+Needs tensorflow-datasets (imported only when the source is read). A dataset prepared as
+ArrayRecord is read without TensorFlow (tfds.data_source); other formats, such as the TFRecord
+files of the public gs://tfds-data mC4, go through tf.data and need TensorFlow too (the `tfds`
+extra installs both). `data_dir` may be a local folder or a gs:// path holding the prepared
+dataset; nothing is downloaded or generated here. A split of known size is cut into
+`num_units` contiguous example ranges (`pt[a:b]`), so several processes read it at once.
 """
 
 from __future__ import annotations
@@ -23,6 +25,26 @@ def _import_tfds():
     except ImportError:
         raise missing_extra("the TFDS source", "tfds", "tensorflow-datasets") from None
     return tfds
+
+
+def _examples(tfds, name: str, split: str, data_dir: str | None) -> Iterator[dict]:
+    """The examples of `split`, in the order they are stored."""
+    builder = tfds.builder(name, data_dir=data_dir)
+    if builder.info.file_format == tfds.core.file_adapters.FileFormat.ARRAY_RECORD:
+        # Random access by index, no TensorFlow: the test extra reads datasets this way.
+        source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+        for index in range(len(source)):
+            yield source[index]
+        return
+    try:
+        import tensorflow  # noqa: F401  (tf.data reads TFRecord datasets)
+    except ImportError:
+        stored = getattr(builder.info.file_format, "value", builder.info.file_format)
+        raise missing_extra(
+            f"the TFDS source, for {name} stored as {stored},", "tfds", "tensorflow"
+        ) from None
+    ds = tfds.load(name, split=split, data_dir=data_dir, shuffle_files=False, download=False)
+    yield from tfds.as_numpy(ds)
 
 
 def _text(example: dict, key: str, where: str) -> str | None:
@@ -53,10 +75,7 @@ class TfdsSlice(WorkUnit):
     def documents(self) -> Iterator[str]:
         tfds = _import_tfds()
         where = f"TFDS {self.name} split {self.split}"
-        ds = tfds.load(
-            self.name, split=self.split, data_dir=self.data_dir, shuffle_files=False, download=False
-        )
-        for example in tfds.as_numpy(ds):
+        for example in _examples(tfds, self.name, self.split, self.data_dir):
             text = _text(example, self.text_key, where)
             if text:
                 yield text
