@@ -60,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("debertina_jax").setLevel(logging.INFO)
+    # orbax warns through absl on every read-only restore of a workdir; errors still show.
+    logging.getLogger("absl").setLevel(logging.ERROR)
     from debertina_jax.finetune.settings import parse_settings
 
     overrides = list(args.overrides) + (["sift.enabled=true"] if args.sift else [])

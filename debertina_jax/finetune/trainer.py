@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -80,13 +79,53 @@ def evaluate(plan: Plan, params: Any, data: Encoded, examples: Examples):
     return score(predicted, examples, plan.task_type), logits
 
 
+class Throughput:
+    """Training examples per second, over the steps whose batch shape has run before (a new
+    shape's step compiles: it is left out) and without evaluation."""
+
+    def __init__(self) -> None:
+        self.examples, self.seconds, self.started = 0.0, 0.0, None
+        self.shapes: set[tuple[int, ...]] = set()
+
+    def timed(self, state: Any, batch: dict) -> bool:
+        """Call before a step: whether it counts. Before one that compiles, the clock stops."""
+        shape = batch["input_ids"].shape
+        if shape in self.shapes:
+            if self.started is None:
+                self.started = time.perf_counter()
+            return True
+        self.pause(state)
+        self.shapes.add(shape)
+        return False
+
+    def done(self, state: Any, batch: dict, timed: bool) -> None:
+        """Call after the step."""
+        if timed:
+            self.examples += float(batch["weights"].sum())
+        else:
+            jax.block_until_ready(state)  # the compiling step ends before the clock restarts
+
+    def pause(self, state: Any) -> None:
+        if self.started is not None:
+            jax.block_until_ready(state)
+            self.seconds += time.perf_counter() - self.started
+            self.started = None
+
+    @property
+    def rate(self) -> float | None:
+        return round(self.examples / self.seconds, 3) if self.seconds > 0 else None
+
+
+# One compiled copy for the whole tree (op by op, each parameter shape would compile its own).
+_copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
+
+
 def train_seed(plan: Plan, state: dict, seed: int, logbook: Logbook) -> SeedResult:
     logbook.start_seed(seed, plan.total_steps)
     step, best, best_step, best_params, bad = 0, None, 0, None, 0
     best_metrics: dict[str, float] = {}
     stopped = False
-    # Throughput: training time only, from the end of the first (compiling) step.
-    trained_examples, train_seconds, segment_start = 0.0, 0.0, None
+    clock = Throughput()
     # rbg keys: dropout masks from XLA's RngBitGenerator compile in half the time of
     # threefry's on CPU, and run faster on TPU; fine-tuning needs no bit-exact replay.
     key = jax.random.key(seed, impl="rbg")
@@ -94,20 +133,16 @@ def train_seed(plan: Plan, state: dict, seed: int, logbook: Logbook) -> SeedResu
         for batch in train_batches(
             plan.train, plan.batch_size, plan.max_length, plan.pad_id, seed, epoch
         ):
+            timed = clock.timed(state, batch)
             state, metrics = plan.train_step(state, batch, jax.random.fold_in(key, step))
+            clock.done(state, batch, timed)
             step += 1
-            if segment_start is None:
-                jax.block_until_ready(state)
-                segment_start = time.perf_counter()
-            else:
-                trained_examples += float(batch["weights"].sum())
             done = step >= plan.total_steps
             if step % plan.log_every == 0 or done:
                 values = logbook.log("train", step, step / plan.steps_per_epoch, metrics)
                 logbook.advance(step, values.get("loss"))
             if step % plan.eval_every == 0 or done:
-                jax.block_until_ready(state)
-                train_seconds += time.perf_counter() - segment_start
+                clock.pause(state)
                 scores, _ = evaluate(
                     plan, state["params"], plan.validation, plan.validation_examples
                 )
@@ -115,11 +150,10 @@ def train_seed(plan: Plan, state: dict, seed: int, logbook: Logbook) -> SeedResu
                 if is_better(plan.metric, scores[plan.metric], best):
                     best, best_step, best_metrics, bad = scores[plan.metric], step, scores, 0
                     # The state is donated to the next step: keep a copy of the best parameters.
-                    best_params = jax.tree.map(jnp.copy, state["params"])
+                    best_params = _copy(state["params"])
                 else:
                     bad += 1
                     stopped = plan.patience > 0 and bad >= plan.patience and not done
-                segment_start = time.perf_counter()
             if done or stopped:
                 break
         if step >= plan.total_steps or stopped:
@@ -132,7 +166,6 @@ def train_seed(plan: Plan, state: dict, seed: int, logbook: Logbook) -> SeedResu
         test_metrics, _ = evaluate(plan, best_params, plan.test, plan.test_examples)
         logbook.log("test", best_step, best_step / plan.steps_per_epoch, test_metrics)
     logbook.end_seed()
-    rate = trained_examples / train_seconds if train_seconds > 0 and trained_examples else None
     return SeedResult(
         seed=seed,
         best_step=best_step,
@@ -140,7 +173,7 @@ def train_seed(plan: Plan, state: dict, seed: int, logbook: Logbook) -> SeedResu
         stopped_early=stopped,
         validation=best_metrics,
         test=test_metrics,
-        train_seconds=train_seconds,
-        train_examples_per_second=None if rate is None or math.isnan(rate) else round(rate, 3),
+        train_seconds=clock.seconds,
+        train_examples_per_second=clock.rate,
         params=best_params,
     )
