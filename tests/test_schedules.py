@@ -81,12 +81,13 @@ def test_discriminator_learning_rate_has_its_own_peak_on_the_same_schedule():
         ("optimizer.schedule=step", "optimizer.schedule must be one of linear, cosine, wsd"),
         ("optimizer.wsd_decay_shape=exp", "optimizer.wsd_decay_shape must be one of"),
         ("optimizer.wsd_decay_fraction=0", "optimizer.wsd_decay_fraction must be in (0, 1]"),
-        ("optimizer.discriminator_clip_norm=2", "needs optimizer.decoupled: true"),
+        ("optimizer.decoupled=false optimizer.discriminator_clip_norm=2",
+         "needs optimizer.decoupled: true"),
         ("optimizer.discriminator_learning_rate=-1", "discriminator_learning_rate must be >= 0"),
         ("train.ema_decay=1.0", "train.ema_decay must be in (0, 1)"),
     ],
 )
 def test_bad_recipe_keys_are_refused_by_name(override, message):
     with pytest.raises(ConfigError) as error:
-        load_config(TINY_YAML, [override])
+        load_config(TINY_YAML, override.split())
     assert message in str(error.value)
