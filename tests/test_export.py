@@ -13,6 +13,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -29,9 +30,12 @@ from safetensors.numpy import save_file
 from debertina_jax.config import Config, load_config
 from debertina_jax.export import export as export_lib
 from debertina_jax.export import verify as verify_lib
+from debertina_jax.export.checkpoint import load_source
 from debertina_jax.export.errors import ExportError, Float16OverflowError, OutputPathError
-from debertina_jax.export.export import export
+from debertina_jax.export.export import export, export_tensors
+from debertina_jax.export.spec import SPECS
 from debertina_jax.export.verify import VerificationError
+from debertina_jax.hf import names
 from debertina_jax.hf.convert import from_hf, model_to_state_dict
 from debertina_jax.hf.files import read_hf_weights
 from debertina_jax.hf.init import HFInitError
@@ -97,6 +101,133 @@ def test_cli_converts_a_sharded_run_on_one_cpu_device(tiny_export_cli):
     assert _leftovers(out.parent) == []
 
 
+# ---- what verification checks, and with which tolerances ----------------------------------------
+DOCS = REPO / "docs" / "export.md"
+_CHECK_LINE = re.compile(
+    r"^(\w+)\s+(tensors|tokenizer|hidden states|logits)\s+vs (.+?)\s+max abs diff (\S+) "
+    r"\(tolerance (\S+)\)\s+(ok|FAILED)$"
+)
+
+
+def _documented_tolerances() -> tuple[float, dict[str, float]]:
+    """(same weights, {dtype: against the checkpoint}) as docs/export.md states them."""
+    text = " ".join(DOCS.read_text().split())
+    same = re.search(r"\(names, layouts, architecture settings\)\. Tolerance `([^`]+)`", text)
+    by_dtype = re.search(
+        r"Tolerance `([^`]+)` for float32, `([^`]+)` for float16, `([^`]+)` for bfloat16", text
+    )
+    assert same and by_dtype, f"{DOCS} no longer states the tolerances"
+    dtypes = ("float32", "float16", "bfloat16")
+    return float(same.group(1)), dict(zip(dtypes, map(float, by_dtype.groups()), strict=True))
+
+
+def _output_scales(directory: Path) -> dict[str, float]:
+    """max(1, max |output|) over the non-padding positions of the verification batch, per
+    output, computed here with transformers: what a relative tolerance is multiplied by."""
+    import torch
+    import transformers
+
+    generator = directory.name == "generator"
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(directory))
+    batch = tokenizer(list(verify_lib.VERIFY_SENTENCES), padding=True, truncation=True,
+                      max_length=verify_lib.VERIFY_MAX_TOKENS, return_tensors="pt")  # fmt: skip
+    keep = batch["attention_mask"].bool()
+    ids = batch["input_ids"].clone()
+    if generator:  # the fill-mask input: every MASK_EVERY-th word piece masked
+        for row, length in enumerate(keep.sum(dim=1).tolist()):
+            ids[row, 1 : length - 1 : verify_lib.MASK_EVERY] = tokenizer.mask_token_id
+    auto = transformers.AutoModelForMaskedLM if generator else transformers.AutoModel
+    model = auto.from_pretrained(str(directory), dtype=torch.float32).eval()
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=batch["attention_mask"],
+                    output_hidden_states=True)  # fmt: skip
+    outputs = {"hidden states": out.hidden_states[-1]}
+    if generator:
+        outputs["logits"] = out.logits
+    return {what: max(1.0, float(value[keep].abs().max())) for what, value in outputs.items()}
+
+
+def test_verification_uses_the_documented_tolerances(tiny_export_cli, tiny_export_dir):
+    """The tolerances in the code are the documented ones (a looser one fails here), and each
+    printed check applied them to the size of the outputs (computed here independently)."""
+    same, by_dtype = _documented_tolerances()
+    assert verify_lib.SAME_WEIGHTS_TOLERANCE == same
+    assert verify_lib.TOLERANCES == by_dtype
+    lines = [_CHECK_LINE.match(line) for line in tiny_export_cli.process.stdout.splitlines()
+             if "max abs diff" in line]  # fmt: skip
+    assert len(lines) == 10 and all(lines), tiny_export_cli.process.stdout
+    scales = {
+        model: _output_scales(tiny_export_dir / model) for model in ("discriminator", "generator")
+    }
+    for line in lines:
+        model, what, against, diff, tolerance, status = line.groups()
+        diff, tolerance = float(diff), float(tolerance)
+        if what in ("tensors", "tokenizer"):
+            assert tolerance == 0 and diff == 0, line.string
+            continue
+        relative = same if against == "JAX on the same weights" else by_dtype["float32"]
+        assert against in ("JAX on the same weights", "JAX on the checkpoint (f32)")
+        # The printed tolerance has 3 significant digits.
+        assert tolerance == pytest.approx(relative * scales[model][what], rel=5e-3), line.string
+        # float32 HF against JAX: measured below 6.3e-6, the documented 5x headroom at least.
+        assert 0 < diff <= tolerance / 5 and status == "ok", line.string
+
+
+@pytest.fixture(scope="module")
+def tiny_source(tiny_run_dir):
+    """The tiny run's last checkpoint as the export reads it."""
+    return load_source(tiny_run_dir)
+
+
+def _failed(checks: list[verify_lib.Check]) -> set[tuple[str, str]]:
+    return {(c.what, c.against) for c in checks if not c.passed}
+
+
+def test_verification_fails_on_two_swapped_tensors(tmp_path, tiny_source, tiny_export_dir):
+    """The written file holds the query and key weights of a layer swapped (same shape)."""
+    out = tmp_path / "generator"
+    shutil.copytree(tiny_export_dir / "generator", out)
+    with safe_open(str(out / "model.safetensors"), "np") as f:
+        metadata = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118  (no __iter__)
+    layer = "deberta.encoder.layer.0.attention.self"
+    query, key = f"{layer}.query_proj.weight", f"{layer}.key_proj.weight"
+    tensors[query], tensors[key] = tensors[key], tensors[query]
+    save_file(tensors, str(out / "model.safetensors"), metadata=metadata)
+    spec = SPECS["generator"]
+    checks = verify_lib.verify(out, spec, tiny_source, export_tensors(tiny_source, spec), "float32")
+    # transformers and our reader read the same wrong file: only the checkpoint sees it.
+    assert _failed(checks) == {
+        ("tensors", "checkpoint in float32"),
+        ("hidden states", "JAX on the checkpoint (f32)"),
+        ("logits", "JAX on the checkpoint (f32)"),
+    }
+    message = str(VerificationError(checks))
+    assert re.search(r"generator\s+tensors\s+vs checkpoint in float32 .*FAILED", message)
+
+
+def test_verification_fails_when_the_name_mapping_swaps_two_tensors(
+    tmp_path, monkeypatch, tiny_source
+):
+    """A mapping bug that our writer and reader share: the round trip is exact, transformers
+    reads query as key. Only the comparison with transformers can see it."""
+    mapping = names._LAYER_MODULES
+    monkeypatch.setitem(mapping, ("attention", "query_proj"), "attention.self.key_proj")
+    monkeypatch.setitem(mapping, ("attention", "key_proj"), "attention.self.query_proj")
+    spec = SPECS["generator"]
+    tensors = export_tensors(tiny_source, spec)
+    export_lib.write_model_dir(tmp_path / "g", spec, tensors, dtype="float32", source=tiny_source)
+    checks = verify_lib.verify(tmp_path / "g", spec, tiny_source, tensors, "float32")
+    assert _failed(checks) == {
+        (what, against)
+        for what in ("hidden states", "logits")
+        for against in ("JAX on the same weights", "JAX on the checkpoint (f32)")
+    }
+    assert [c.max_abs_diff for c in checks if c.what in ("tensors", "tokenizer")] == [0, 0]
+    with pytest.raises(VerificationError, match=r"generator\s+logits\s+vs JAX on the same"):
+        raise VerificationError(checks)
+
+
 # What the conversion may not load: our optimizer, train state and train step. (optax itself is
 # loaded by flax.nnx, so its presence proves nothing; no module of ours may hold it.)
 TRAINING_MODULES = (
@@ -105,32 +236,60 @@ TRAINING_MODULES = (
     "debertina_jax.pretraining.step",
     "debertina_jax.pretraining.loop",
 )
-_LOADED_BY_CLI = """
-import json, runpy, sys
-sys.argv = ["convert_to_pt.py", *sys.argv[1:]]
-try:
-    runpy.run_path(sys.argv[0], run_name="__main__")
-except SystemExit as e:
-    code = e.code
+# The CLI in a process where torch is not installed (as far as imports can tell): the export
+# needs it only to verify. Run twice: verified (refused before anything is read), then
+# --no-verify; then which of our modules it loaded.
+_WITHOUT_TORCH = """
+import json, sys
+
+class Hidden:
+    # A module finder blind to torch: `import torch` and find_spec("torch") as if absent.
+    def __init__(self, finder):
+        self.finder = finder
+
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "torch" or not hasattr(self.finder, "find_spec"):
+            return None
+        return self.finder.find_spec(name, path, target)
+
+    def invalidate_caches(self):
+        getattr(self.finder, "invalidate_caches", lambda: None)()
+
+sys.meta_path[:] = [Hidden(f) for f in sys.meta_path]
+from debertina_jax.cli.export import main
+
+workdir, output = sys.argv[1:]
+refused = main(["--workdir", workdir, "--output", output])
+code = main(["--workdir", workdir, "--output", output, "--no-verify"])
 ours = sorted(m for m in sys.modules if m.startswith("debertina_jax"))
 with_optax = [m for m in ours if "optax" in vars(sys.modules[m])]
-print(json.dumps({"code": code, "modules": ours, "with_optax": with_optax}))
+print(json.dumps({"refused": refused, "code": code, "modules": ours, "with_optax": with_optax,
+                  "torch": "torch" in sys.modules}))
 """
 
 
-def test_conversion_loads_no_optimizer_and_no_train_step(tmp_path, tiny_run_dir):
+def test_conversion_without_torch_and_without_the_optimizer_or_train_step(tmp_path, tiny_run_dir):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    args = ["--workdir", str(tiny_run_dir), "--output", str(tmp_path / "out"), "--no-verify"]
-    done = subprocess.run([sys.executable, "-c", _LOADED_BY_CLI, *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    out = tmp_path / "out"
+    command = [sys.executable, "-c", _WITHOUT_TORCH, str(tiny_run_dir), str(out)]
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     loaded = json.loads(done.stdout.splitlines()[-1])
+    # Verification says what it lacks, as bad input, before reading anything.
+    assert loaded["refused"] == 2, done.stderr[-3000:]
+    assert "verifying the export needs torch and transformers" in done.stderr
+    assert "--no-verify" in done.stderr and "Traceback" not in done.stderr
+    # --no-verify writes both models without torch.
     assert loaded["code"] == 0, done.stderr[-3000:]
+    assert not loaded["torch"]
+    assert "not verified (--no-verify)" in done.stdout
+    assert (out / "discriminator" / "model.safetensors").is_file()
+    assert (out / "generator" / "model.safetensors").is_file()
+    # What the conversion may not load: our optimizer, train state and train step.
     assert "debertina_jax.export.export" in loaded["modules"]  # it did run the export
     assert not set(TRAINING_MODULES) & set(loaded["modules"])
     assert loaded["with_optax"] == []
-    assert (tmp_path / "out" / "discriminator" / "model.safetensors").is_file()
 
 
 def test_discriminator_directory(tmp_path, tiny_run_dir, tiny_export_dir):
@@ -183,8 +342,18 @@ def test_half_precision_exports_verify(dtype, tmp_path, tiny_run_dir):
     result = export(tiny_run_dir, tmp_path / "out", dtype=dtype, models=("generator",))
     assert result.checks and all(c.passed for c in result.checks)
     rounding = [c for c in result.checks if c.against.startswith("JAX on the checkpoint")]
-    assert all(0 < c.max_abs_diff <= c.tolerance for c in rounding)
-    assert all(c.tolerance >= verify_lib.TOLERANCES[dtype] for c in rounding)
+    assert len(rounding) == 2 and all(0 < c.max_abs_diff <= c.tolerance for c in rounding)
+    # The documented tolerances, times the size of the outputs (computed here).
+    same, documented = _documented_tolerances()
+    scales = _output_scales(tmp_path / "out" / "generator")
+    for check in result.checks:
+        if check.what in ("tensors", "tokenizer"):
+            assert check.tolerance == 0 == check.max_abs_diff
+        elif check.against == "JAX on the same weights":
+            assert check.tolerance == pytest.approx(same * scales[check.what], rel=1e-3)
+        else:  # scaled by our outputs on float32 weights, HF's here are on rounded ones
+            expected = documented[dtype] * scales[check.what]
+            assert check.tolerance == pytest.approx(expected, rel=0.05), check
     path = tmp_path / "out" / "generator" / "model.safetensors"
     with safe_open(str(path), "np") as f:
         names = list(f.keys())
@@ -261,7 +430,7 @@ def test_no_checkpoint(tmp_path):
 def test_step_that_does_not_exist(tmp_path, capsys, tiny_run_dir):
     with pytest.raises(CheckpointNotFoundError, match=r"step 7 .*available steps: \[10, 20\]"):
         export(tiny_run_dir, tmp_path / "out", step=7)
-    assert _cli("--workdir", str(tiny_run_dir), "--output", str(tmp_path / "o"), "--step", "7") == 1
+    assert _cli("--workdir", str(tiny_run_dir), "--output", str(tmp_path / "o"), "--step", "7") == 2
     assert "error: no checkpoint for step 7" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
@@ -276,7 +445,7 @@ def test_truncated_checkpoint(tmp_path, capsys, tiny_run_dir):
             path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(CheckpointRestoreError, match=r"cannot restore checkpoint .*20"):
         export(run, tmp_path / "out")
-    assert _cli("--workdir", str(run), "--output", str(tmp_path / "out")) == 1
+    assert _cli("--workdir", str(run), "--output", str(tmp_path / "out")) == 2
     assert "corrupted or incomplete" in capsys.readouterr().err
     # The older checkpoint is intact and still converts.
     export(run, tmp_path / "out", step=10, verify_outputs=False)
@@ -295,7 +464,7 @@ def test_output_path_is_a_file(tmp_path, capsys, tiny_run_dir):
     target.write_text("keep me")
     with pytest.raises(OutputPathError, match="is a file"):
         export(tiny_run_dir, target)
-    assert _cli("--workdir", str(tiny_run_dir), "--output", str(target)) == 1
+    assert _cli("--workdir", str(tiny_run_dir), "--output", str(target)) == 2
     assert "is a file" in capsys.readouterr().err
     assert target.read_text() == "keep me"
 
@@ -318,42 +487,73 @@ def test_non_empty_output_needs_overwrite_and_is_replaced_whole(tmp_path, tiny_r
     export(tiny_run_dir, tmp_path / "empty", models=("generator",), verify_outputs=False)
 
 
-def test_unsupported_dtype(tmp_path, capsys, tiny_run_dir):
+def test_bad_arguments_exit_with_status_2(tmp_path, capsys, tiny_run_dir):
     with pytest.raises(ExportError, match="unsupported dtype 'int8'.*float32, float16, bfloat16"):
         export(tiny_run_dir, tmp_path / "out", dtype="int8")
-    assert (
-        _cli("--workdir", str(tiny_run_dir), "--output", str(tmp_path / "o"), "--dtype", "fp8") == 1
-    )
+    base = ["--workdir", str(tiny_run_dir), "--output", str(tmp_path / "o")]
+    assert _cli(*base, "--dtype", "fp8") == 2
     assert "unsupported dtype 'fp8'" in capsys.readouterr().err
+    for bad in (["--model", "both-of-them"], ["--average-last", "0"], ["--weights", "best"]):
+        with pytest.raises(SystemExit) as info:  # argparse's own usage errors
+            _cli(*base, *bad)
+        assert info.value.code == 2, bad
+        assert "error:" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
-def test_float16_overflow_names_the_tensor(tmp_path, tiny_run_dir):
+_LAYER1 = "deberta.encoder.layer.1.intermediate.dense.weight"
+
+
+def test_nan_inf_and_float16_overflow_are_refused_naming_the_tensor(tmp_path, capsys, tiny_run_dir):
+    """One run, one bad value per checkpoint: NaN (step 1), inf (step 2), 1e6 (step 3)."""
     config = _run_config()
+    config = dataclasses.replace(
+        config, data=dataclasses.replace(config.data, tokenizer_dir=str(tiny_run_dir / "tokenizer"))
+    )
     graphdef, state = _fresh_state(config)
     pair = merge_pair(graphdef, state)
     kernel = pair.discriminator.deberta.encoder.layers[1].intermediate.kernel
-    kernel[...] = kernel[...].at[3, 5].set(1e6)
-    state = {**state, "params": nnx.state(pair, nnx.Param)}
-    run = _save_run(tmp_path / "run", config, state, tiny_run_dir / "tokenizer")
+    clean = kernel[...]
+    run = tmp_path / "run"
+    with Checkpointer(run, every_steps=1, keep=3, async_save=False) as checkpointer:
+        for step, value in ((1, np.nan), (2, -np.inf), (3, 1e6)):
+            kernel[...] = clean.at[3, 5].set(value)
+            params = {**state, "params": nnx.state(pair, nnx.Param)}
+            meta = {"config": config.to_dict(), "tokens_seen": 123}
+            checkpointer.save(step, params, {"json": None}, meta, force=True)
+    out = tmp_path / "out"
+    with pytest.raises(ExportError, match=rf"discriminator tensor {re.escape(_LAYER1)} holds NaN"):
+        export(run, out, step=1)
+    assert _cli("--workdir", str(run), "--output", str(out), "--step", "2") == 2
+    err = capsys.readouterr().err
+    assert f"discriminator tensor {_LAYER1} holds NaN or infinite values" in err
+    assert "Traceback" not in err
     with pytest.raises(
         Float16OverflowError,
-        match=r"discriminator tensor deberta\.encoder\.layer\.1\.intermediate\.dense\.weight "
-        r"does not fit float16: its largest magnitude is 1e\+06",
+        match=rf"discriminator tensor {re.escape(_LAYER1)} does not fit float16: its largest "
+        r"magnitude is 1e\+06",
     ):
-        export(run, tmp_path / "out", dtype="float16")
-    assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
-    export(run, tmp_path / "out", dtype="bfloat16", verify_outputs=False)  # bfloat16 holds it
+        export(run, out, dtype="float16")
+    assert not out.exists() and _leftovers(tmp_path) == []
+    export(run, out, dtype="bfloat16", verify_outputs=False)  # bfloat16 holds it
 
 
 def test_failed_verification_or_crash_writes_nothing(tmp_path, monkeypatch, capsys, tiny_run_dir):
+    """What export does with a failed check (which checks fail: the mutation tests above)."""
     out = tmp_path / "out"
     (out / "previous").mkdir(parents=True)
-    monkeypatch.setitem(verify_lib.TOLERANCES, "bfloat16", 0.0)
-    with pytest.raises(VerificationError, match="hidden states"):
-        export(tiny_run_dir, out, dtype="bfloat16", models=("generator",), overwrite=True)
+
+    def failing(directory, spec, *args):
+        assert (directory / "model.safetensors").is_file()  # written, in the staging directory
+        return [verify_lib.Check(spec.name, "hidden states", "JAX on the same weights", 1.0, 0.1)]
+
+    monkeypatch.setattr(export_lib, "verify", failing)
+    with pytest.raises(VerificationError, match=r"generator\s+hidden states .*FAILED"):
+        export(tiny_run_dir, out, models=("generator",), overwrite=True)
     args = ["--workdir", str(tiny_run_dir), "--output", str(out), "--dtype", "bfloat16"]
     assert _cli(*args, "--model", "generator", "--overwrite") == 3
     assert "FAILED" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["previous"]
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt

@@ -5,8 +5,9 @@
 writes OUT/discriminator (the model to fine-tune) and OUT/generator, each with config.json,
 model.safetensors, the tokenizer files and a README.md model card. Verification (on by default)
 loads them with transformers on the CPU and compares with the JAX checkpoint. docs/export.md
-has the details. Exit status: 0 done, 1 bad input or error, 2 bad arguments, 3 verification
-failed (nothing written).
+has the details. Exit status, as for the other commands: 0 done, 2 bad arguments or bad input
+(the message names the file, step, tensor or value), 1 any other error (storage), 3
+verification failed. Nothing is written unless it is 0.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import sys
 
 from debertina_jax.export.spec import MODELS, WEIGHTS  # plain data: --help stays fast
 
-EXIT_ERROR, EXIT_USAGE, EXIT_VERIFY = 1, 2, 3
+EXIT_ERROR, EXIT_USAGE, EXIT_VERIFY = 1, 2, 3  # EXIT_USAGE: argparse's own for bad arguments
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -95,7 +96,10 @@ def main(argv: list[str] | None = None) -> int:
             print(check)
         print(f"error: verification failed; nothing written to {args.output}", file=sys.stderr)
         return EXIT_VERIFY
-    except (CheckpointNotFoundError, CheckpointRestoreError, ExportError, OSError) as e:
+    except (CheckpointNotFoundError, CheckpointRestoreError, ExportError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)  # what the user gave: a run, a step, a path
+        return EXIT_USAGE
+    except OSError as e:  # a disk or bucket that fails
         print(f"error: {e}", file=sys.stderr)
         return EXIT_ERROR
 

@@ -47,7 +47,7 @@ from debertina_jax.export.publish import (
     upload,
 )
 from debertina_jax.export.spec import MODELS, SPECS, ModelSpec
-from debertina_jax.export.verify import Check, VerificationError, verify
+from debertina_jax.export.verify import Check, VerificationError, check_requirements, verify
 from debertina_jax.hf.convert import model_to_state_dict
 from debertina_jax.hf.files import write_hf_dir
 from debertina_jax.hf.names import EMD_METADATA_KEY, EMD_POSITIONS_KEY
@@ -97,6 +97,8 @@ def export(
     if unknown or not models:
         raise ExportError(f"models must be a non-empty subset of {MODELS}, got {list(models)}")
     specs = [SPECS[m] for m in models]
+    if verify_outputs:
+        check_requirements()
     workdir = storage.check_path(workdir, "--workdir")
     if storage.is_remote(storage.check_path(output, "--output")):
         # A bucket: exported to a local directory, verified there, then uploaded.

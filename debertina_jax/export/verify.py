@@ -78,6 +78,19 @@ class VerificationError(RuntimeError):
         super().__init__(f"verification failed:\n  {failed}")
 
 
+def check_requirements() -> None:
+    """An ExportError saying what to install, before anything is read, unless torch and
+    transformers import (verification loads the written files with them)."""
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as e:
+        raise ExportError(
+            f"verifying the export needs torch and transformers ({e}): install them with "
+            "pip install -e '.[export]' (the CPU torch first), or pass --no-verify"
+        ) from None
+
+
 def _max_diff(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
     diff = np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))
     if mask is not None:
