@@ -6,10 +6,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
+import transformers
 from flax import nnx
+from tolerances import parity_tolerance
 
 from debertina_jax.config import Config, DataConfig, GeneratorConfig, TrainConfig
 from debertina_jax.config.model import ConfigError, DebertaV2Config
+from debertina_jax.hf.convert import model_to_state_dict
 from debertina_jax.model import electra
 from debertina_jax.pretraining.pair import build_pair
 from debertina_jax.pretraining.step import electra_loss
@@ -188,6 +192,62 @@ def test_emd_first_pass_is_the_last_layer_when_queries_equal_keys(emd_pair, monk
     np.testing.assert_allclose(
         np.asarray(emd(hidden, mask, encoder))[real], np.asarray(expected)[real], atol=1e-5
     )
+
+
+def _official_emd_logits(generator, emd_positions, ids, mask):
+    """The official generator with its EMD (DeBERTa's `emd_context_layer`), written with HF
+    transformers' modules in float64: hidden = the states entering the generator's last layer;
+    queries = hidden + absolute position embeddings; the last layer runs twice with
+    query_states = the previous output while keys and values stay `hidden`; the MLM head reads
+    the second output. Returns logits [B, L, V]."""
+    hf = transformers.DebertaV2ForMaskedLM(
+        transformers.DebertaV2Config.from_dict(generator.config.to_dict())
+    )
+    weights = {k: torch.tensor(v) for k, v in model_to_state_dict(generator).items()}
+    missing, unexpected = hf.load_state_dict(weights, strict=False)
+    assert not unexpected and all(k.startswith("cls.predictions.decoder.") for k in missing)
+    hf = hf.double().eval()
+    # The decoder is tied to the word table and the head's bias, as in the official model.
+    assert torch.equal(
+        hf.get_output_embeddings().weight, hf.deberta.embeddings.word_embeddings.weight
+    )
+    ids, mask = torch.tensor(np.asarray(ids)), torch.tensor(np.asarray(mask))
+    with torch.no_grad():
+        encoder = hf.deberta.encoder
+        hidden = hf.deberta.embeddings(input_ids=ids, mask=mask)
+        pair_mask = encoder.get_attention_mask(mask)
+        rel_pos, rel = encoder.get_rel_pos(hidden), encoder.get_rel_embedding()
+        for layer in encoder.layer[:-1]:
+            hidden = layer(hidden, pair_mask, relative_pos=rel_pos, rel_embeddings=rel)[0]
+        query = hidden + torch.tensor(np.asarray(emd_positions), dtype=torch.float64)
+        for _ in range(2):
+            query = encoder.layer[-1](
+                hidden, pair_mask, query_states=query, relative_pos=rel_pos, rel_embeddings=rel
+            )[0]
+        if hf.legacy:
+            return hf.cls(query).numpy()
+        return hf.lm_predictions(query, hf.deberta.embeddings.word_embeddings).numpy()
+
+
+def test_emd_matches_the_official_formula_on_hf_modules(emd_pair):
+    pair = nnx.clone(emd_pair)
+    noise = np.random.default_rng(0)
+    params = nnx.state(pair, nnx.Param)  # LayerNorms not 1/0, a non-trivial position table
+    nnx.update(
+        pair,
+        jax.tree.map(lambda x: x + 0.05 * noise.standard_normal(x.shape).astype(x.dtype), params),
+    )
+    ids = _batch()
+    mask = (ids != 0).astype(jnp.int32)
+    positions = jnp.array([[1, 4, 14], [2, 5, 8], [3, 9, 11], [1, 7, 15]])  # real tokens only
+    ours = np.asarray(pair.generator_logits(ids, mask, positions))
+    length = ids.shape[1]
+    table = pair.enhanced_mask_decoder.position_embeddings.embedding[...][:length]
+    full = _official_emd_logits(pair.export_generator(), table, ids, mask)
+    expected = np.take_along_axis(full, np.asarray(positions)[..., None], axis=1)
+    diff = float(np.abs(ours - expected).max())
+    print(f"\nEMD vs official formula on HF modules (float64): max abs diff {diff:.2e}")
+    assert diff <= parity_tolerance("EMD generator vs official formula")
 
 
 def test_emd_export_puts_its_layer_last(emd_pair):
