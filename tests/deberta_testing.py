@@ -101,3 +101,18 @@ TINY_RUN = SMALL_RUN + [
     "mesh.fsdp=2",
     "mesh.tensor=2",
 ]
+
+# A run short enough to start, stop and resume several times in one test (tests/test_pretrain.py,
+# tests/test_reliability.py): SMALL_RUN's data (with conftest.small_run_overrides' paths), a
+# 1-layer discriminator and generator, 8 steps with checkpoints 2, 4, 6 and 8, every step logged,
+# no evaluation (one program less to compile).
+SHORT_RUN = [
+    "model.num_hidden_layers=1",
+    "generator.num_hidden_layers=1",
+    "train.steps=8",
+    "train.log_every_steps=1",
+    "train.eval_every_steps=1000",
+    "train.eval_batches=0",
+    "checkpoint.every_steps=2",
+    "checkpoint.keep=4",
+]

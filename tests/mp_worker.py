@@ -2,6 +2,7 @@
 
     python tests/mp_worker.py distributed WORKDIR   # one of 2 processes, env gives the rest
     python tests/mp_worker.py kill-mid-save WORKDIR # dies by SIGKILL inside a checkpoint save
+    python tests/mp_worker.py pause-at STEP MARKER [run_pretrain.py arguments]
 
 The last stdout line of a successful run is "RESULT <json>".
 """
@@ -10,6 +11,8 @@ import json
 import os
 import signal
 import sys
+import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -93,11 +96,37 @@ def kill_mid_save(workdir: str) -> None:
     raise AssertionError("the process should have been killed during the save")
 
 
+def pretrain_paused_at(step: int, marker: str, argv: list[str]) -> int:
+    """run_pretrain.py with `argv`, paused just before train step `step` (every earlier step
+    trained, logged and its checkpoints saved or in flight): each process writes its pid to
+    MARKER.<process index>, then waits for MARKER.go. The test sends its signal (SIGTERM,
+    SIGINT, SIGKILL) in the pause, so the signal lands at a known step however fast the run."""
+    from debertina_jax.cli import pretrain as cli
+    from debertina_jax.pretraining import loop
+
+    step_rng = loop.step_rng  # the loop calls it once per step, right before the step
+
+    def pausing(seed: int, at: int):
+        if at == step:
+            Path(f"{marker}.{jax.process_index()}").write_text(str(os.getpid()))
+            deadline = time.monotonic() + 300
+            while not Path(f"{marker}.go").exists():  # a signal's handler runs meanwhile
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"nobody created {marker}.go")
+                time.sleep(0.02)
+        return step_rng(seed, at)
+
+    loop.step_rng = pausing
+    return cli.main(argv)
+
+
 if __name__ == "__main__":
     command, workdir = sys.argv[1], sys.argv[2]
     if command == "distributed":
         print("RESULT " + json.dumps(distributed(workdir)), flush=True)
     elif command == "kill-mid-save":
         kill_mid_save(workdir)
+    elif command == "pause-at":
+        sys.exit(pretrain_paused_at(int(sys.argv[2]), sys.argv[3], sys.argv[4:]))
     else:
         raise SystemExit(f"unknown command {command!r}")

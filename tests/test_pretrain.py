@@ -1,36 +1,40 @@
 """The whole pretraining run, as users start it: run_pretrain.py in a subprocess.
 
-Covers resuming after SIGTERM and SIGKILL (same losses as an uninterrupted run),
-1 device vs 2 processes (same losses), learning, config errors, and load_checkpoint.
+Covers stopping by SIGTERM, Ctrl-C and SIGKILL and resuming (from the step each stop left, with
+the rows logged before it untouched and the losses of an uninterrupted run), the same for two
+processes killed together, and config errors. What the runs learn: tests/test_learning.py.
+
+Kept cheap: a 1-layer discriminator and generator, 8 steps, one device, the session's prepared
+data and compilation cache (conftest), and one reference run shared by the tests. The signals
+are sent while the run waits before a chosen step (tests/mp_worker.py pause-at), so they land at
+a known step however fast the machine.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
-from deberta_testing import REPO, TINY_YAML
+from deberta_testing import REPO, SHORT_RUN, TINY_YAML
 
-from debertina_jax.config import load_config
 from debertina_jax.runtime.metrics_log import read_metrics
 
-
-@pytest.fixture(scope="session")
-def data_overrides(small_run_overrides) -> list[str]:
-    """Every run logs each step (the tests compare step by step) and evaluates only at its end."""
-    return small_run_overrides + ["train.log_every_steps=1", "train.eval_every_steps=1000"]
+WORKER = REPO / "tests" / "mp_worker.py"
+STEPS = 8  # SHORT_RUN's train.steps
 
 
-def _command(workdir: Path, overrides: list[str]) -> list[str]:
-    return [sys.executable, str(REPO / "run_pretrain.py"), "--config", str(TINY_YAML),
-            "--workdir", str(workdir), *overrides]  # fmt: skip
+@pytest.fixture(scope="module")
+def overrides(small_run_overrides) -> list[str]:
+    return small_run_overrides + SHORT_RUN
 
 
 def _env(devices: int, cache: dict[str, str], **extra: str) -> dict[str, str]:
@@ -38,86 +42,153 @@ def _env(devices: int, cache: dict[str, str], **extra: str) -> dict[str, str]:
     env = dict(os.environ, **cache)
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     env.update(extra)
     return env
 
 
+def _arguments(workdir: Path, overrides: list[str], config: Path | None = TINY_YAML) -> list[str]:
+    """run_pretrain.py's arguments; config=None leaves --config out (a resume)."""
+    given = [] if config is None else ["--config", str(config)]
+    return [*given, "--workdir", str(workdir), *overrides]
+
+
 def _run(
-    workdir: Path, overrides: list[str], cache: dict[str, str], devices: int = 8
+    arguments: list[str], cache: dict[str, str], devices: int = 1
 ) -> subprocess.CompletedProcess:
     done = subprocess.run(
-        _command(workdir, overrides), env=_env(devices, cache), capture_output=True, text=True,
-        timeout=600,
+        [sys.executable, str(REPO / "run_pretrain.py"), *arguments], env=_env(devices, cache),
+        capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
 
-def _losses(workdir: Path) -> dict[int, float]:
-    return {row["step"]: row["loss"] for row in read_metrics(workdir, split="train")}
+def _start_paused(
+    arguments: list[str], step: int, marker: Path, env: dict[str, str]
+) -> subprocess.Popen:
+    """run_pretrain.py with `arguments`, waiting before train step `step` (mp_worker.py)."""
+    return subprocess.Popen(
+        [sys.executable, str(WORKER), "pause-at", str(step), str(marker), *arguments], env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
 
 
-def _wait_for(predicate, process: subprocess.Popen, timeout: float = 300) -> None:
+def _wait_for(predicate, processes: list[subprocess.Popen], what: str, timeout: float = 300):
     deadline = time.monotonic() + timeout
     while not predicate():
-        if process.poll() is not None:
-            raise AssertionError(f"run ended early: {process.stderr.read()[-3000:]}")
+        for p in processes:
+            if p.poll() is not None:
+                for q in processes:
+                    q.kill()
+                raise AssertionError(f"run ended before {what}: {p.stderr.read()[-3000:]}")
         if time.monotonic() > deadline:
-            process.kill()
-            raise AssertionError("timed out waiting for the run")
-        time.sleep(0.2)
+            for p in processes:
+                p.kill()
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
 
 
-@pytest.fixture(scope="module")
-def reference(data_overrides, compile_cache_env, tmp_path_factory) -> dict[int, float]:
-    """The losses of an uninterrupted 40-step run on 8 devices."""
-    workdir = tmp_path_factory.mktemp("reference")
-    overrides = data_overrides + ["train.steps=40", "checkpoint.every_steps=10"]
-    _run(workdir, overrides, compile_cache_env)
-    losses = _losses(workdir)
-    assert sorted(losses) == list(range(1, 41))
-    return losses
+def _rows(workdir: Path) -> dict[int, dict[str, Any]]:
+    """The training rows of metrics.jsonl by step (with their timestamps)."""
+    rows = read_metrics(workdir, split="train")
+    steps = [row["step"] for row in rows]
+    assert len(steps) == len(set(steps)), f"a step logged twice: {steps}"
+    return {row["step"]: row for row in rows}
 
 
-def _start(workdir: Path, overrides: list[str], cache: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen(
-        _command(workdir, overrides), env=_env(8, cache), stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+def _losses(workdir: Path) -> dict[int, float]:
+    return {step: row["loss"] for step, row in _rows(workdir).items()}
 
 
 def _checkpoints(workdir: Path) -> list[int]:
     return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
 
 
+def _resumed_from(stderr: str) -> list[int]:
+    """The steps of the "resumed from the checkpoint of step N" lines the run logged."""
+    return [int(n) for n in re.findall(r"resumed from the checkpoint of step (\d+)", stderr)]
+
+
+@pytest.fixture(scope="module")
+def reference(overrides, compile_cache_env, tmp_path_factory) -> dict[int, float]:
+    """The losses of an uninterrupted run."""
+    workdir = tmp_path_factory.mktemp("reference")
+    done = _run(_arguments(workdir, overrides), compile_cache_env)
+    assert _resumed_from(done.stderr) == []
+    losses = _losses(workdir)
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    return losses
+
+
+def _stop_with(
+    signum: signal.Signals, step: int, arguments: list[str], tmp_path: Path, cache: dict[str, str]
+) -> subprocess.CompletedProcess:
+    """The run, sent `signum` while it waits before train step `step`, then let go on."""
+    marker = tmp_path / f"paused-{signum.name}"
+    process = _start_paused(arguments, step, marker, _env(1, cache))
+    _wait_for(lambda: Path(f"{marker}.0").exists(), [process], f"step {step}")
+    process.send_signal(signum)
+    time.sleep(0.2)  # the handler has run in the waiting loop; nothing depends on when
+    Path(f"{marker}.go").touch()
+    out, err = process.communicate(timeout=300)
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+
 def test_sigterm_then_sigkill_then_resume_gives_the_same_losses(
-    reference, data_overrides, compile_cache_env, tmp_path
+    reference, overrides, compile_cache_env, tmp_path
 ):
-    overrides = data_overrides + ["train.steps=40", "checkpoint.every_steps=10"]
+    """SIGTERM, Ctrl-C, SIGKILL, then the command without --config: each run resumes from the
+    checkpoint the previous one left, leaves the rows before it alone, and the losses are
+    those of the uninterrupted run."""
+    workdir = tmp_path / "run"
+    arguments = _arguments(workdir, overrides)
 
-    # SIGTERM (a TPU preemption notice): save at the next step boundary and exit cleanly.
-    process = _start(tmp_path, overrides, compile_cache_env)
-    _wait_for(lambda: (tmp_path / "metrics.jsonl").is_file() and len(_losses(tmp_path)) >= 2,
-              process)  # fmt: skip
-    process.send_signal(signal.SIGTERM)
-    out, err = process.communicate(timeout=120)
-    assert process.returncode == 0, err[-3000:]
-    assert "stopped early" in out
-    stopped_at = _checkpoints(tmp_path)[-1]
-    assert stopped_at == max(_losses(tmp_path)) < 40
+    # SIGTERM (a TPU preemption notice) before step 3: step 3 is trained and saved, exit 0.
+    done = _stop_with(signal.SIGTERM, 3, arguments, tmp_path, compile_cache_env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "training stopped early (resume with the same command) at step 3" in done.stdout
+    assert _resumed_from(done.stderr) == []
+    assert _checkpoints(workdir) == [2, 3] and sorted(_rows(workdir)) == [1, 2, 3]
+    after_sigterm = _rows(workdir)
 
-    # SIGKILL (no warning at all) after the periodic checkpoint of step 20.
-    process = _start(tmp_path, overrides, compile_cache_env)  # resumes from `stopped_at`
-    _wait_for(lambda: 20 in _checkpoints(tmp_path), process)
+    # Ctrl-C before step 5 of the same command: resumes from 3, saves 5 and exits 0.
+    done = _stop_with(signal.SIGINT, 5, arguments, tmp_path, compile_cache_env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Ctrl-C: saving and stopping" in done.stderr
+    assert "training stopped early (resume with the same command) at step 5" in done.stdout
+    assert _resumed_from(done.stderr) == [3], done.stderr[-3000:]
+    assert _checkpoints(workdir) == [2, 3, 4, 5] and sorted(_rows(workdir)) == [1, 2, 3, 4, 5]
+    after_ctrl_c = _rows(workdir)
+
+    # SIGKILL (no warning at all) before step 8, once checkpoint 6 is committed: row 7 was
+    # logged after the last checkpoint.
+    marker = tmp_path / "paused-SIGKILL"
+    process = _start_paused(arguments, 8, marker, _env(1, compile_cache_env))
+    _wait_for(lambda: Path(f"{marker}.0").exists() and 6 in _checkpoints(workdir), [process],
+              "step 8 and checkpoint 6")  # fmt: skip
     process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert max(_losses(tmp_path)) < 40, "the run finished before it could be killed"
+    _, err = process.communicate(timeout=60)
+    killed_at = time.time()
+    assert process.returncode == -signal.SIGKILL
+    assert _resumed_from(err) == [5], err[-3000:]
+    assert sorted(_rows(workdir)) == list(range(1, 8))
+    before_kill = _rows(workdir)
 
-    _run(tmp_path, overrides, compile_cache_env)  # the same command again resumes from step 20
-    losses = _losses(tmp_path)
-    assert sorted(losses) == list(range(1, 41))  # no step logged twice or missing
-    for step in range(1, 41):
-        assert losses[step] == reference[step], f"step {step}"
+    # The command again, without --config (the workdir's config.yaml holds the overrides).
+    done = _run(_arguments(workdir, [], config=None), compile_cache_env)
+    assert _resumed_from(done.stderr) == [6], done.stderr[-3000:]
+    rows = _rows(workdir)
+    assert sorted(rows) == list(range(1, STEPS + 1))  # no step logged twice or missing
+    # Each resume left the rows up to its checkpoint as they were, timestamps included...
+    for earlier, last in ((after_sigterm, 3), (after_ctrl_c, 5), (before_kill, 6)):
+        assert {s: rows[s] for s in range(1, last + 1)} == {
+            s: earlier[s] for s in range(1, last + 1)
+        }, f"rows up to step {last} were rewritten"
+    # ...and trained again what came after it: row 7 is the resumed run's.
+    assert rows[7]["time"] > killed_at > before_kill[7]["time"]
+    for step in range(1, STEPS + 1):
+        assert rows[step]["loss"] == reference[step], f"step {step}"
 
 
 def _free_port() -> int:
@@ -126,25 +197,43 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_same_losses_on_1_device_and_on_2_processes(data_overrides, compile_cache_env, tmp_path):
-    overrides = data_overrides + ["train.steps=8", "checkpoint.every_steps=8"]
-    _run(tmp_path / "one", overrides, compile_cache_env, devices=1)
-    expected = [_losses(tmp_path / "one")[s] for s in range(1, 9)]
+def _pod_env(process_id: int, port: int, cache: dict[str, str]) -> dict[str, str]:
+    """One of 2 processes x 4 CPU devices, gloo collectives: a simulated pod."""
+    return _env(4, cache, JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
+                JAX_PROCESS_ID=str(process_id))  # fmt: skip
 
+
+def test_two_processes_killed_and_resumed_give_the_losses_of_one_device(
+    reference, overrides, compile_cache_env, tmp_path
+):
+    """kill -9 of both processes of a 2-process run (one shared workdir) after checkpoint 4,
+    then the same command: it resumes from step 4 and ends with the 1-device losses."""
     # (Meshes of 8 devices in one process, data=8, fsdp=8 and 2x2x2, are compared with one
     # device in tests/test_train_step.py.)
-    # A simulated pod: 2 processes x 4 CPU devices, gloo collectives, one shared workdir.
+    workdir, marker = tmp_path / "pod", tmp_path / "paused"
+    arguments = _arguments(workdir, overrides)
+    port = _free_port()
+    processes = [_start_paused(arguments, 6, marker, _pod_env(i, port, compile_cache_env))
+                 for i in range(2)]  # fmt: skip
+    try:
+        _wait_for(lambda: all(Path(f"{marker}.{i}").exists() for i in range(2))
+                  and 4 in _checkpoints(workdir), processes, "step 6 and checkpoint 4")  # fmt: skip
+        for p in processes:
+            p.send_signal(signal.SIGKILL)
+        for p in processes:
+            p.communicate(timeout=60)
+    finally:
+        for p in processes:
+            p.kill()
+    assert [p.returncode for p in processes] == [-signal.SIGKILL] * 2
+    assert sorted(_rows(workdir)) == [1, 2, 3, 4, 5]
+    before_kill = _rows(workdir)
+
     port = _free_port()
     processes = [
         subprocess.Popen(
-            _command(tmp_path / "pod", overrides),
-            env=_env(
-                4,
-                compile_cache_env,
-                JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
-                JAX_NUM_PROCESSES="2",
-                JAX_PROCESS_ID=str(i),
-            ),
+            [sys.executable, str(REPO / "run_pretrain.py"), *arguments],
+            env=_pod_env(i, port, compile_cache_env),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -158,15 +247,21 @@ def test_same_losses_on_1_device_and_on_2_processes(data_overrides, compile_cach
             p.kill()
     for p, (_, err) in zip(processes, outputs, strict=True):
         assert p.returncode == 0, err[-3000:]
-    got = [_losses(tmp_path / "pod")[s] for s in range(1, 9)]
+        assert _resumed_from(err) == [4], err[-3000:]
+    rows = _rows(workdir)
+    assert sorted(rows) == list(range(1, STEPS + 1))
+    assert {s: rows[s] for s in range(1, 5)} == {s: before_kill[s] for s in range(1, 5)}
+    assert rows[5]["time"] > before_kill[5]["time"]
+    got = [rows[s]["loss"] for s in range(1, STEPS + 1)]
+    expected = [reference[s] for s in range(1, STEPS + 1)]
     np.testing.assert_allclose(got, expected, rtol=2e-5, err_msg="2 processes")
-    assert 8 in _checkpoints(tmp_path / "pod")
+    assert STEPS in _checkpoints(workdir)
 
     # The checkpoint of the sharded two-process run loads on one CPU.
     from debertina_jax.export.checkpoint import load_checkpoint
 
-    loaded = load_checkpoint(tmp_path / "pod")
-    assert loaded.step == 8
+    loaded = load_checkpoint(workdir)
+    assert loaded.step == STEPS
     ids = np.array([[1, 20, 30, 40, 2, 0]], np.int32)
     logits = loaded.discriminator(ids, attention_mask=(ids != 0).astype(np.int32))
     assert logits.shape == (1, 6) and np.isfinite(np.asarray(logits)).all()
@@ -183,35 +278,10 @@ def test_same_losses_on_1_device_and_on_2_processes(data_overrides, compile_cach
 )
 def test_bad_overrides_fail_before_anything_starts(override, message, tmp_path):
     done = subprocess.run(
-        _command(tmp_path / "run", [override]), capture_output=True, text=True, timeout=120
-    )
+        [sys.executable, str(REPO / "run_pretrain.py"),
+         *_arguments(tmp_path / "run", [override])],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
     assert done.returncode == 2
     assert message in done.stderr
     assert not (tmp_path / "run").exists()
-
-
-def test_learning_on_the_sample_corpus(data_overrides, compile_cache_env, tmp_path):
-    """A few hundred steps of the tiny config on held-out text: the generator learns well past
-    log(vocab), and the discriminator reaches the "everything is original" baseline.
-
-    Beating that baseline needs the models to use context, which a model this small learns only
-    after a plateau of several hundred steps (HF PyTorch's DebertaV2 shows the same plateau on
-    this corpus); see the closing note of the pretraining issue for the measured curves.
-    """
-    steps = 250
-    _run(tmp_path, data_overrides + [f"train.steps={steps}", "train.batch_size=16",
-                                     "train.log_every_steps=50", "train.eval_every_steps=125",
-                                     "train.eval_batches=2", "checkpoint.every_steps=1000",
-                                     "optimizer.learning_rate=2e-3", "optimizer.warmup_steps=25"],
-         compile_cache_env, devices=1)  # fmt: skip
-    evals = read_metrics(tmp_path, split="eval")
-    assert [row["step"] for row in evals] == [125, 250]
-    last = evals[-1]
-    vocab = load_config(TINY_YAML, data_overrides).data.vocab_size + 1
-    assert last["mlm_loss"] < np.log(vocab) - 0.5, last
-    assert last["mlm_accuracy"] > 0.03, last
-    baseline = 1.0 - last["replaced_fraction"]
-    assert last["rtd_accuracy"] >= baseline - 0.005, last
-    # The RTD loss has at least reached the entropy of the replaced fraction (the prior).
-    p = last["replaced_fraction"]
-    assert last["rtd_loss"] <= -(p * np.log(p) + (1 - p) * np.log(1 - p)) + 0.02, last

@@ -1,7 +1,9 @@
 """Bad inputs and accidents, as a user meets them through run_pretrain.py: each ends in one
 clear line and loses nothing (docs/reliability.md lists them and names these tests).
 
-Kept fast: one shared tokenizer and data set, a 1-layer model, few steps, --stage prepare
+Kept fast: the session's tokenizer and data (conftest.small_run_overrides) and compilation cache
+(compile_cache_env), a 1-layer model, few steps (deberta_testing.SHORT_RUN, the settings of
+tests/test_pretrain.py's runs, so that both compile the same program once), --stage prepare
 where no training is needed, and one short trained run reused by the checkpoint tests.
 """
 
@@ -15,54 +17,35 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
+from deberta_testing import SHORT_RUN, SMALL_RUN
 from test_workdir_lock import hold_lock
 
-from debertina_jax.config import load_config
-from debertina_jax.data.workdir import ensure_data
 from debertina_jax.runtime.metrics_log import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
-FAST = [
-    "data.vocab_size=400",
-    "data.max_seq_length=64",
-    "data.eval_lines=16",
-    "model.num_hidden_layers=1",
-    "generator.num_hidden_layers=1",
-    "train.batch_size=8",
-    "train.log_every_steps=1",
-    "train.eval_every_steps=1000",
-    "train.eval_batches=1",
-    "optimizer.warmup_steps=2",
-]
-# No evaluation (eval_batches=0): one program less to compile.
-TRAINED = ["train.steps=8", "checkpoint.every_steps=2", "checkpoint.keep=4", "train.eval_batches=0"]
-_CACHE = Path(tempfile.mkdtemp(prefix="debertina-jax-cache-"))
 
 
 @pytest.fixture(scope="module")
-def data_overrides(tmp_path_factory) -> list[str]:
-    root = tmp_path_factory.mktemp("shared")
-    overrides = FAST + [f"data.tokenizer_dir={root}/tokenizer", f"data.prepared_dir={root}/data"]
-    ensure_data(load_config(TINY, overrides), root)
-    return overrides
+def data_overrides(small_run_overrides) -> list[str]:
+    """8 steps of a 1-layer model (checkpoints 2, 4, 6 and 8) on the session's prepared data."""
+    return small_run_overrides + SHORT_RUN
 
 
 def _run(
-    workdir: Path, overrides: list[str], *args: str, file_size_limit: int | None = None
+    workdir: Path,
+    overrides: list[str],
+    *args: str,
+    cache: dict[str, str],
+    devices: int = 8,
+    file_size_limit: int | None = None,
 ) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    env.update(
-        XLA_FLAGS="--xla_force_host_platform_device_count=8",
-        JAX_PLATFORMS="cpu",
-        JAX_COMPILATION_CACHE_DIR=str(_CACHE),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
-    )
+    """run_pretrain.py; the runs that train use 1 device, as tests/test_pretrain.py's do."""
+    env = dict(os.environ, **cache)
+    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
 
     def limit_file_size() -> None:  # a full disk, as far as files over the limit go
         resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
@@ -88,8 +71,10 @@ def _error_line(done: subprocess.CompletedProcess) -> str:
     return errors[0]
 
 
-def test_a_batch_that_does_not_fit_the_mesh_names_the_key(tmp_path, data_overrides):
-    done = _run(tmp_path / "run", data_overrides + ["train.batch_size=7"])
+def test_a_batch_that_does_not_fit_the_mesh_names_the_key(
+    tmp_path, data_overrides, compile_cache_env
+):
+    done = _run(tmp_path / "run", data_overrides + ["train.batch_size=7"], cache=compile_cache_env)
     assert _error_line(done) == (
         "error: train.batch_size=7 does not fit the mesh (data=8, fsdp=1, tensor=1 on 8 "
         "devices): the batch is split over mesh.data (8) x mesh.fsdp (1) = 8 devices, so it "
@@ -99,20 +84,21 @@ def test_a_batch_that_does_not_fit_the_mesh_names_the_key(tmp_path, data_overrid
 
 
 def test_a_second_run_on_a_workdir_is_refused_and_a_killed_one_does_not_block(
-    tmp_path, data_overrides
+    tmp_path, data_overrides, compile_cache_env
 ):
     workdir = tmp_path / "run"
     workdir.mkdir()
     holder = hold_lock(workdir)  # a run in progress, as far as the lock goes
     try:
-        line = _error_line(_run(workdir, data_overrides, "--stage", "prepare"))
+        prepare = ("--stage", "prepare")
+        line = _error_line(_run(workdir, data_overrides, *prepare, cache=compile_cache_env))
         assert line.startswith(
             f"error: workdir {workdir} is in use by another run: pid {holder.pid} on host "
         )
         assert not (workdir / "config.yaml").exists()
         holder.send_signal(signal.SIGKILL)
         holder.wait()
-        done = _run(workdir, data_overrides, "--stage", "prepare")
+        done = _run(workdir, data_overrides, *prepare, cache=compile_cache_env)
         assert done.returncode == 0, done.stderr[-3000:]
         assert "took over the stale lock" in done.stderr and "is gone" in done.stderr
         assert not (workdir / "run.lock").exists()  # released at the end
@@ -121,22 +107,26 @@ def test_a_second_run_on_a_workdir_is_refused_and_a_killed_one_does_not_block(
         holder.wait()
 
 
-def test_a_refused_resume_leaves_config_yaml_alone(tmp_path, data_overrides):
+def test_a_refused_resume_leaves_config_yaml_alone(tmp_path, data_overrides, compile_cache_env):
     workdir = tmp_path / "run"
-    assert _run(workdir, data_overrides, "--stage", "prepare").returncode == 0
+    done = _run(workdir, data_overrides, "--stage", "prepare", cache=compile_cache_env)
+    assert done.returncode == 0, done.stderr[-3000:]
     before = (workdir / "config.yaml").read_bytes()
-    line = _error_line(_run(workdir, data_overrides + ["data.max_seq_length=128"]))
+    line = _error_line(
+        _run(workdir, data_overrides + ["data.max_seq_length=128"], cache=compile_cache_env)
+    )
     assert "max_seq_length" in line and "128" in line
     assert (workdir / "config.yaml").read_bytes() == before
     assert not (workdir / "run.lock").exists()
 
 
-def test_a_bad_corpus_names_the_file_and_leaves_no_workdir(tmp_path):
+def test_a_bad_corpus_names_the_file_and_leaves_no_workdir(tmp_path, compile_cache_env):
     # (The empty corpus's message is tests/test_tokenizer.py::test_empty_corpus.)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "um documento"}\n{"text": "aberto\n', encoding="utf-8")
-    overrides = [o for o in FAST if not o.startswith("data.")] + ["data.max_seq_length=64"]
-    line = _error_line(_run(tmp_path / "run", overrides + [f"data.train_files={bad}"]))
+    overrides = [o for o in SMALL_RUN + SHORT_RUN if not o.startswith("data.")]
+    overrides += ["data.max_seq_length=64", f"data.train_files={bad}"]
+    line = _error_line(_run(tmp_path / "run", overrides, cache=compile_cache_env))
     assert line == (
         f"error: {bad}: invalid JSON at byte offset 25 (the line starting there): "
         "Invalid control character at byte offset 41"
@@ -145,10 +135,10 @@ def test_a_bad_corpus_names_the_file_and_leaves_no_workdir(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def trained(data_overrides, tmp_path_factory) -> Path:
+def trained(data_overrides, compile_cache_env, tmp_path_factory) -> Path:
     """A run of 8 steps with checkpoints 2, 4, 6 and 8; tests work on copies."""
     workdir = tmp_path_factory.mktemp("trained")
-    done = _run(workdir, data_overrides + TRAINED)
+    done = _run(workdir, data_overrides, cache=compile_cache_env, devices=1)
     assert done.returncode == 0, done.stderr[-3000:]
     return workdir
 
@@ -170,12 +160,13 @@ def _damage(step_dir: Path) -> None:
 
 
 def test_a_damaged_latest_checkpoint_is_skipped_kept_and_the_run_resumes(
-    trained, tmp_path, data_overrides
+    trained, tmp_path, data_overrides, compile_cache_env
 ):
     workdir = _copy(trained, tmp_path)
     checkpoints = workdir / "checkpoints"
     _damage(checkpoints / "8")
-    done = _run(workdir, data_overrides + TRAINED)  # the same command, as after a crash
+    # The same command, as after a crash.
+    done = _run(workdir, data_overrides, cache=compile_cache_env, devices=1)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Traceback" not in done.stderr
     (warning,) = [line for line in done.stderr.splitlines() if "WARNING" in line]
@@ -191,7 +182,7 @@ def test_a_damaged_latest_checkpoint_is_skipped_kept_and_the_run_resumes(
 
 
 def test_a_failed_save_stops_the_run_at_once_naming_the_last_good_checkpoint(
-    trained, tmp_path, data_overrides
+    trained, tmp_path, data_overrides, compile_cache_env
 ):
     workdir = _copy(trained, tmp_path)
     checkpoints = workdir / "checkpoints"
@@ -200,8 +191,8 @@ def test_a_failed_save_stops_the_run_at_once_naming_the_last_good_checkpoint(
     # Checkpoint files (~600 KB) no longer fit; the metrics, the config and the lock do.
     # No retries (checkpoint.save_retries, by default 2): the stop itself is what is checked
     # here; retrying is tests/test_gcs_checkpoints.py's.
-    overrides = data_overrides + TRAINED + ["checkpoint.save_retries=0"]
-    done = _run(workdir, overrides, file_size_limit=200_000)
+    overrides = data_overrides + ["checkpoint.save_retries=0"]
+    done = _run(workdir, overrides, cache=compile_cache_env, devices=1, file_size_limit=200_000)
     assert _error_line(done) == (
         f"error: could not write the checkpoint of step 4 to {checkpoints / '4'}: File too large "
         f"[errno 27]. The last good checkpoint is step 2 ({checkpoints / '2'}): fix the cause "

@@ -372,6 +372,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         raw = yaml.safe_load(storage.read_text(path)) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected sections (model:, data:, train:, ...), not a "
+                          f"{type(raw).__name__}")  # fmt: skip
     try:
         return config_from_dict(apply_overrides(raw, overrides or []))
     except ConfigError as e:

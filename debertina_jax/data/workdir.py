@@ -72,19 +72,14 @@ def _typed(path: str) -> Path | str:
     return path if storage.is_remote(path) else Path(path)
 
 
-def ensure_data(
-    config: Config, workdir: str | Path, *, prepare_missing: bool = True
-) -> PreparedData:
-    """Trains the tokenizer and prepares the shards when missing; checks them against the config.
-
-    With `prepare_missing=False` (the non-main hosts of a pod) nothing is written: the data
-    must already be there. Prepared data in a bucket is prepared in this host's cache and
-    uploaded, and read through a local copy per host (data/cache.py).
-    """
+def ensure_tokenizer(
+    config: Config, workdir: str | Path, *, train_missing: bool = True
+) -> Tokenizer:
+    """The run's tokenizer, trained first when missing (`--stage tokenizer` stops here)."""
     data = config.data
-    tokenizer_dir, data_dir = data_paths(config, workdir)
+    tokenizer_dir, _ = data_paths(config, workdir)
     if not storage.is_file(storage.join(tokenizer_dir, "tokenizer.json")):
-        if not prepare_missing:
+        if not train_missing:
             raise FileNotFoundError(f"no tokenizer in {tokenizer_dir}")
         logger.info("training a %d-piece tokenizer into %s", data.vocab_size, tokenizer_dir)
         try:
@@ -96,7 +91,21 @@ def ensure_data(
                 f"data.vocab_size={data.vocab_size}: {e}".replace("--vocab-size", "data.vocab_size")
             ) from None
         logger.info("tokenizer: %s", report.describe())
-    tokenizer = Tokenizer.load(tokenizer_dir)
+    return Tokenizer.load(tokenizer_dir)
+
+
+def ensure_data(
+    config: Config, workdir: str | Path, *, prepare_missing: bool = True
+) -> PreparedData:
+    """Trains the tokenizer and prepares the shards when missing; checks them against the config.
+
+    With `prepare_missing=False` (the non-main hosts of a pod) nothing is written: the data
+    must already be there. Prepared data in a bucket is prepared in this host's cache and
+    uploaded, and read through a local copy per host (data/cache.py).
+    """
+    data = config.data
+    tokenizer_dir, data_dir = data_paths(config, workdir)
+    tokenizer = ensure_tokenizer(config, workdir, train_missing=prepare_missing)
     if tokenizer.vocab_size > config.model.vocab_size:
         raise ValueError(
             f"the tokenizer in {tokenizer_dir} has {tokenizer.vocab_size} ids (with [MASK]) but "

@@ -45,7 +45,7 @@ from debertina_jax.config import (
 )
 from debertina_jax.data.loader import make_eval_loader
 from debertina_jax.data.phased import phase_loader
-from debertina_jax.data.workdir import PreparedData, data_paths, ensure_data
+from debertina_jax.data.workdir import PreparedData, data_paths, ensure_data, ensure_tokenizer
 from debertina_jax.pretraining.chips import peak_flops_per_second
 from debertina_jax.pretraining.flops import train_step_flops
 from debertina_jax.pretraining.optimizer import decay_start_step
@@ -220,8 +220,11 @@ def pretrain(config: Config, workdir: str | Path, *, stage: str = "all") -> RunR
     created = not remote and not workdir.exists()
     lock = _lock(workdir)
     try:
-        prepared = _prepare(config, workdir)
         result = RunResult(workdir, stage)
+        if stage == "tokenizer":  # the shards are left for a later command
+            _main_first(lambda: ensure_tokenizer(config, workdir), "train the tokenizer")
+        else:
+            prepared = _prepare(config, workdir)
         if stage != "all":
             if distributed.is_main_process():
                 _write_config(config, workdir)
