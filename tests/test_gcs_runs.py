@@ -3,9 +3,12 @@
 One bucket for the module: an uninterrupted reference run, which prepares the data into the
 bucket (tokenizer and shards, read by every later run through its own local copy); a run
 killed with SIGKILL after a checkpoint and started again must log the same losses, read back
-from the bucket; a simulated pod (2 processes x 4 CPU devices, each with only its own private
-local directories) the same losses as one process; an export from the bucket loads in
-transformers.
+from the bucket; a simulated pod (2 processes x 1 CPU device, each with only its own private
+local directories) the same losses as one process on 2 devices; an export from the bucket,
+verified, loads in transformers.
+
+Two devices and one layer: what is tested is the storage, not the sharding (test_distributed.py
+and the tiny run do that), and each of these processes compiles on the 2 shared cores.
 """
 
 from __future__ import annotations
@@ -37,12 +40,15 @@ RUN = SMALL_RUN + [
     f"train.steps={STEPS}",
     "train.log_every_steps=1",
     "train.eval_every_steps=1000",
-    "checkpoint.every_steps=4",
-    "mesh.data=8",
+    f"checkpoint.every_steps={STEPS}",  # the runs that are not killed save only their last
+    "mesh.data=2",
 ]
+KILLED_AFTER = 4  # the checkpoint the killed run has written when it is killed
+IN_THIS_PROCESS = RUN + ["mesh.data=-1"]  # the 8 devices of the test process (conftest.py)
+DEVICES = 2
 
 
-def _env(private: Path, devices: int = 8, **extra: str) -> dict[str, str]:
+def _env(private: Path, devices: int = DEVICES, **extra: str) -> dict[str, str]:
     """A process's environment with nothing local shared: its own cache, temp and XLA cache."""
     for name in ("cache", "tmp", "xla"):
         (private / name).mkdir(parents=True, exist_ok=True)
@@ -63,10 +69,11 @@ def _command(workdir: str, overrides: list[str], *extra: str) -> list[str]:
 
 
 def _run(workdir: str, overrides: list[str], env: dict[str, str], *extra: str) -> str:
+    """The run's output and log."""
     done = subprocess.run(_command(workdir, overrides, *extra), env=env, capture_output=True,
                           text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout
+    return done.stdout + done.stderr
 
 
 def _losses(workdir: str) -> dict[int, float]:
@@ -90,12 +97,13 @@ def bucket_runs(gcs_emulator, tmp_path_factory):
 def test_sigkill_after_a_checkpoint_then_the_same_command_resumes_exactly(bucket_runs):
     bucket, overrides, reference, private = bucket_runs
     workdir = f"{bucket}/killed"
+    overrides = overrides + [f"checkpoint.every_steps={KILLED_AFTER}"]
     process = subprocess.Popen(
         _command(workdir, overrides), env=_env(private), stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     deadline = time.monotonic() + 300
-    while not storage.exists(f"{workdir}/checkpoints/4/commit_success.txt"):
+    while not storage.exists(f"{workdir}/checkpoints/{KILLED_AFTER}/commit_success.txt"):
         assert process.poll() is None, process.stderr.read()[-3000:]
         assert time.monotonic() < deadline, "no checkpoint in time"
         time.sleep(0.2)
@@ -103,9 +111,14 @@ def test_sigkill_after_a_checkpoint_then_the_same_command_resumes_exactly(bucket
     process.wait()
     assert max(_losses(workdir)) < STEPS, "the run finished before it could be killed"
     assert storage.exists(f"{workdir}/run.lock")  # a killed run cannot release its lock
+    # The rows up to the checkpoint, with their times: a restart from step 0 rewrites them.
+    kept = [r for r in read_metrics(workdir) if r["step"] <= KILLED_AFTER]
 
     out = _run(workdir, overrides, _env(private))  # the lock is stale: its process is gone
+    assert f"resumed from the checkpoint of step {KILLED_AFTER}" in out
     assert f"training finished at step {STEPS}" in out
+    assert [r for r in read_metrics(workdir) if r["step"] <= KILLED_AFTER] == kept
+    assert len([r for r in kept if r["split"] == "train"]) == KILLED_AFTER
     losses = _losses(workdir)
     assert sorted(losses) == list(range(1, STEPS + 1))  # no step logged twice or missing
     for step in range(1, STEPS + 1):
@@ -124,12 +137,11 @@ def _free_port() -> int:
 def test_two_processes_sharing_only_the_bucket_log_the_same_losses(bucket_runs, tmp_path):
     bucket, overrides, reference, _ = bucket_runs
     workdir = f"{bucket}/pod"
-    port = _free_port()
+    pod = {"JAX_COORDINATOR_ADDRESS": f"localhost:{_free_port()}", "JAX_NUM_PROCESSES": "2"}
     processes = [
         subprocess.Popen(
             _command(workdir, overrides),
-            env=_env(tmp_path / f"host{i}", devices=4, JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
-                     JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)),
+            env=_env(tmp_path / f"host{i}", DEVICES // 2, **pod, JAX_PROCESS_ID=str(i)),
             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         for i in range(2)
@@ -152,13 +164,15 @@ def test_two_processes_sharing_only_the_bucket_log_the_same_losses(bucket_runs, 
 
 
 def test_export_from_the_bucket_loads_in_transformers(bucket_runs, tmp_path):
-    bucket, _, _, private = bucket_runs
+    from debertina_jax.export.export import export
+
+    bucket = bucket_runs[0]
     output = f"{bucket}/export"
-    command = [sys.executable, str(REPO / "convert_to_pt.py"), "--workdir",
-               f"{bucket}/reference", "--output", output]  # fmt: skip
-    done = subprocess.run(command, env=_env(private, devices=1), capture_output=True, text=True,
-                          timeout=600)  # fmt: skip
-    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    # In this process (JAX and the emulator's address are here already): read from the bucket,
+    # verified locally, uploaded.
+    result = export(f"{bucket}/reference", output)
+    assert result.step == STEPS and result.output == output
+    assert len(result.checks) == 10 and all(c.passed for c in result.checks)
     local = tmp_path / "export"
     storage.copy_tree(output, str(local))
 
@@ -192,7 +206,7 @@ def test_bad_storage_input_is_refused_before_anything_compiles(
     from debertina_jax.cli.pretrain import main
 
     workdir = workdir.format(bucket=gcs_bucket)
-    code = main(["--config", str(TINY_YAML), "--workdir", workdir, *RUN, *extra])
+    code = main(["--config", str(TINY_YAML), "--workdir", workdir, *IN_THIS_PROCESS, *extra])
     err = capsys.readouterr().err
     assert code == status and message in err, err
     assert "Traceback" not in err
@@ -204,7 +218,7 @@ def test_stage_outputs_go_to_the_bucket(gcs_bucket, capsys):
 
     workdir = f"{gcs_bucket}/stage"
     arguments = ["--config", str(TINY_YAML), "--workdir", workdir, "--stage", "tokenizer"]
-    assert main(arguments + RUN) == 0
+    assert main(arguments + IN_THIS_PROCESS) == 0
     assert "tokenizer ready in gs://" in capsys.readouterr().out
     assert storage.is_file(f"{workdir}/tokenizer/tokenizer.json")
     assert storage.is_file(f"{workdir}/config.yaml")
