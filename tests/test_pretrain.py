@@ -74,7 +74,7 @@ def _start_paused(
     )  # fmt: skip
 
 
-def _wait_for(predicate, processes: list[subprocess.Popen], what: str, timeout: float = 300):
+def _wait_for(predicate, processes: list[subprocess.Popen], what: str, timeout: float = 600):
     deadline = time.monotonic() + timeout
     while not predicate():
         for p in processes:
@@ -241,7 +241,7 @@ def test_two_processes_killed_and_resumed_give_the_losses_of_one_device(
         for i in range(2)
     ]
     try:
-        outputs = [p.communicate(timeout=400) for p in processes]
+        outputs = [p.communicate(timeout=600) for p in processes]
     finally:
         for p in processes:
             p.kill()
