@@ -6,7 +6,7 @@ table and a plot of the metric (mean +- std over seeds) against the pretraining 
         --output runs/tiny/downstream [--every 2] [section.key=value ...]
 
 Writes OUTPUT/downstream.json, OUTPUT/downstream.md and OUTPUT/downstream.png (the plot needs
-matplotlib: `pip install 'debertina-jax[plot]'`), and each fine-tuning run's own results under
+matplotlib: `pip install 'debertina-jax[bench]'`), and each fine-tuning run's own results under
 OUTPUT/step-N/ and OUTPUT/random/.
 A run keeps only `checkpoint.keep` checkpoints: pretrain with a larger keep for a finer curve.
 """
@@ -66,7 +66,9 @@ def plot(rows: list[dict], metric: str, task: str, path: Path) -> bool:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("no plot: matplotlib is missing (pip install 'debertina-jax[plot]')", file=sys.stderr)
+        print(
+            "no plot: matplotlib is missing (pip install 'debertina-jax[bench]')", file=sys.stderr
+        )
         return False
     curve = [r for r in rows if r["step"] is not None]
     baseline = next((r for r in rows if r["step"] is None), None)

@@ -7,7 +7,7 @@ side (mean, std), and training throughput (examples/s) on this machine.
 
 MODEL is a pretraining workdir or an HF directory; a workdir's discriminator is written to an
 HF directory first (what convert_to_pt.py writes, minus the RTD head). Sequence tasks only.
-The HF side needs `accelerate` (Trainer's dependency; not a project dependency).
+The HF side needs `accelerate` (Trainer's dependency): `pip install 'debertina-jax[bench]'`.
 
 What is held equal: tokenizer and max_length, AdamW (lr, betas, eps, weight decay off biases
 and LayerNorm, clip 1.0), linear warmup (the same number of steps) and decay, batch size,
