@@ -131,7 +131,7 @@ def _stop_with(
     process.send_signal(signum)
     time.sleep(0.2)  # the handler has run in the waiting loop; nothing depends on when
     Path(f"{marker}.go").touch()
-    out, err = process.communicate(timeout=300)
+    out, err = process.communicate(timeout=600)
     return subprocess.CompletedProcess(process.args, process.returncode, out, err)
 
 
