@@ -19,6 +19,7 @@ import logging
 import sys
 from pathlib import Path
 
+from debertina_jax.finetune.cli import add_task_arguments
 from debertina_jax.finetune.run import FinetuneJob, finetune
 from debertina_jax.finetune.settings import parse_settings
 from debertina_jax.runtime.checkpointing import Checkpointer, CheckpointNotFoundError
@@ -93,13 +94,7 @@ def plot(rows: list[dict], metric: str, task: str, path: Path) -> bool:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", required=True)
-    parser.add_argument("--task")
-    parser.add_argument("--train")
-    parser.add_argument("--validation")
-    parser.add_argument("--test")
-    parser.add_argument("--text-fields", type=lambda s: tuple(s.split(",")))
-    parser.add_argument("--label-field")
-    parser.add_argument("--task-type")
+    add_task_arguments(parser)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--every", type=int, default=1, help="every k-th checkpoint")
     parser.add_argument("--no-baseline", action="store_true", help="skip the random init")

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from debertina_jax.finetune.cli import add_task_arguments
 from debertina_jax.finetune.metrics import accuracy, macro_f1, mse, pearson
 from debertina_jax.finetune.optimizer import warmup_steps
 from debertina_jax.finetune.settings import parse_settings
@@ -211,12 +212,7 @@ def summarise(side: dict) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True)
-    parser.add_argument("--task")
-    parser.add_argument("--train")
-    parser.add_argument("--validation")
-    parser.add_argument("--text-fields", type=lambda s: tuple(s.split(",")))
-    parser.add_argument("--label-field")
-    parser.add_argument("--task-type")
+    add_task_arguments(parser, test=False)  # HF Trainer's side evaluates on validation only
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--torch-threads", type=int, default=os.cpu_count())
     parser.add_argument("--output", help="write the numbers as JSON here")

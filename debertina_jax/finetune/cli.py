@@ -20,9 +20,26 @@ import sys
 from debertina_jax.config import ConfigError
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def add_task_arguments(parser: argparse.ArgumentParser, test: bool = True) -> None:
+    """The flags that name a task: --task, or files with their fields and type (also used by
+    the benchmarks that fine-tune)."""
     from debertina_jax.finetune.tasks import NAMED_TASKS
 
+    parser.add_argument("--task", help=f"a named task: {', '.join(NAMED_TASKS)}")
+    parser.add_argument("--train", help="training file (.csv .tsv .jsonl .parquet)")
+    parser.add_argument("--validation", help="validation file (early stopping, best model)")
+    if test:
+        parser.add_argument("--test", help="test file, scored once with the best model")
+    parser.add_argument(
+        "--text-fields", type=_fields, help="FIELD or FIELD1,FIELD2 (a sentence pair)"
+    )
+    parser.add_argument("--label-field", help="the label column")
+    parser.add_argument(
+        "--task-type", choices=("classification", "regression", "token-classification")
+    )
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m debertina_jax.finetune",
         description=__doc__.split("\n\n")[0],
@@ -32,15 +49,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--model", required=True, help="pretraining workdir or HF directory")
     parser.add_argument("--step", type=int, help="checkpoint step of a workdir (default: latest)")
-    parser.add_argument("--task", help=f"a named task: {', '.join(NAMED_TASKS)}")
-    parser.add_argument("--train", help="training file (.csv .tsv .jsonl .parquet)")
-    parser.add_argument("--validation", help="validation file (early stopping, best model)")
-    parser.add_argument("--test", help="test file, scored once with the best model")
-    parser.add_argument("--text-fields", help="FIELD or FIELD1,FIELD2 (a sentence pair)")
-    parser.add_argument("--label-field", help="the label column")
-    parser.add_argument(
-        "--task-type", choices=("classification", "regression", "token-classification")
-    )
+    add_task_arguments(parser)
     parser.add_argument("--output", required=True, help="output directory")
     parser.add_argument("--seeds", type=int, default=1, help="fine-tune N times (seeds 0..N-1)")
     parser.add_argument("--sift", action="store_true", help="add SiFT adversarial training")
@@ -83,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         train=args.train,
         validation=args.validation,
         test=args.test,
-        text_fields=_fields(args.text_fields),
+        text_fields=args.text_fields,
         label_field=args.label_field,
         task_type=args.task_type,
         step=args.step,
@@ -105,8 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _fields(text: str | None) -> tuple[str, ...] | None:
-    return tuple(f.strip() for f in text.split(",")) if text else None
+def _fields(text: str) -> tuple[str, ...]:
+    return tuple(f.strip() for f in text.split(","))
 
 
 def summary_text(result: dict) -> str:
