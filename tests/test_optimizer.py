@@ -7,10 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from deberta_testing import tiny_config
 from flax import nnx
 
 from debertina_jax.config import Config, DataConfig, OptimizerConfig, TrainConfig, load_config
-from debertina_jax.config.model import DebertaV2Config
 from debertina_jax.pretraining import optimizer
 from debertina_jax.pretraining.pair import build_pair
 
@@ -131,15 +131,13 @@ def test_decay_mask_of_the_real_pair_skips_every_bias_and_layer_norm():
     # Written from the modules, not the leaf names the mask reads: every parameter of a
     # LayerNorm (any module named *norm*) and every bias is exempt, everything else decays.
     config = Config(
-        model=DebertaV2Config.deberta_v3(
+        model=tiny_config(
             vocab_size=40,
             hidden_size=16,
-            num_hidden_layers=2,
             num_attention_heads=2,
             intermediate_size=32,
             max_position_embeddings=32,
-            position_buckets=8,
-        ),
+        ),  # fmt: skip
         data=DataConfig(vocab_size=39),
     )
     params = nnx.state(nnx.eval_shape(lambda: build_pair(config, 0)), nnx.Param)
