@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from debertina_jax.finetune.cli import add_task_arguments
-from debertina_jax.finetune.metrics import accuracy, macro_f1, mse, pearson
+from debertina_jax.finetune.metrics import accuracy, macro_f1, mse, pearson, seed_std
 from debertina_jax.finetune.optimizer import warmup_steps
 from debertina_jax.finetune.settings import parse_settings
 
@@ -202,8 +202,7 @@ def summarise(side: dict) -> dict:
     out = {}
     for name in side["validation"][0]:
         values = [v[name] for v in side["validation"]]
-        out[name] = {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1))
-                     if len(values) > 1 else 0.0, "values": values}  # fmt: skip
+        out[name] = {"mean": float(np.mean(values)), "std": seed_std(values), "values": values}
     rates = [r for r in side["train_examples_per_second"] if r]
     out["train_examples_per_second"] = float(np.mean(rates)) if rates else None
     return out

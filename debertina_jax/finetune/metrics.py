@@ -30,6 +30,12 @@ TASK_METRICS = {
 }
 
 
+def seed_std(values: Sequence[float]) -> float:
+    """The spread reported over fine-tuning seeds: sample standard deviation (ddof 1), 0 for
+    one seed."""
+    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
 def accuracy(predicted: np.ndarray, gold: np.ndarray) -> float:
     predicted, gold = np.asarray(predicted), np.asarray(gold)
     return float(np.mean(predicted == gold)) if gold.size else math.nan

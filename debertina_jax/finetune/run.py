@@ -25,7 +25,7 @@ from debertina_jax.finetune.encoding import TaskTokenizer
 from debertina_jax.finetune.examples import TASK_TYPES, check_labels, label_names
 from debertina_jax.finetune.export_hf import export_task_model
 from debertina_jax.finetune.logbook import Logbook
-from debertina_jax.finetune.metrics import HIGHER_IS_BETTER, is_better
+from debertina_jax.finetune.metrics import HIGHER_IS_BETTER, is_better, seed_std
 from debertina_jax.finetune.optimizer import make_optimizer
 from debertina_jax.finetune.pretrained import build_task_model, load_pretrained, task_config
 from debertina_jax.finetune.settings import FinetuneSettings
@@ -280,7 +280,7 @@ def finetune(job: FinetuneJob, *, overwrite: bool = False) -> dict[str, Any]:
         "settings": settings.to_dict(),
         "seeds": [r.summary() for r in results],
         "mean": _aggregate(results, np.mean),
-        "std": _aggregate(results, _std),
+        "std": _aggregate(results, seed_std),
         "best_seed": best.seed,
         "hf": None if report is None else "hf",
         "hf_verification": report,
@@ -291,11 +291,6 @@ def finetune(job: FinetuneJob, *, overwrite: bool = False) -> dict[str, Any]:
     tmp.write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n", encoding="utf-8")
     os.replace(tmp, output / RESULTS_FILE)
     return summary
-
-
-def _std(values: list[float]) -> float:
-    """Sample standard deviation (ddof 1); 0 for one seed."""
-    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
 def _aggregate(results: list[SeedResult], reduce) -> dict[str, Any]:
