@@ -106,24 +106,35 @@ def _raised_in_orbax(record: logging.LogRecord) -> bool:
     return False
 
 
+def _never_retrieved(record: logging.LogRecord) -> bool:
+    """asyncio's report of a future or task whose exception nobody awaited."""
+    return "exception was never retrieved" in record.getMessage()
+
+
 class _OrbaxErrors(logging.Filter):
     """Holds back orbax's error tracebacks while a save is in flight: a failed save becomes
     one CheckpointSaveError instead. Records of a save that succeeds are let through later.
-    asyncio's "Task exception was never retrieved" for orbax's abandoned tasks comes after a
-    failed save or restore, which is reported on its own: always dropped."""
+
+    asyncio's "exception was never retrieved" for orbax's abandoned futures is aftermath of a
+    failed save or restore, which is reported on its own: always dropped. Such a future may
+    hold an error TensorStore raised in native code, with no orbax frame in its traceback, so
+    after a failure every such record is aftermath; during a save they are held like orbax's.
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self.active = 0
+        self.failed = False  # a save or restore failed and was reported
         self.held: list[logging.LogRecord] = []
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.name == "asyncio":
-            if not _raised_in_orbax(record):
-                return True
-            if self.active:
+            if _raised_in_orbax(record) or (self.failed and _never_retrieved(record)):
+                return False
+            if self.active and _never_retrieved(record):
                 self.held.append(record)
-            return False
+                return False
+            return True
         if self.active and record.levelno >= logging.ERROR and "orbax" in record.pathname:
             self.held.append(record)
             return False
@@ -411,8 +422,7 @@ class Checkpointer:
             _ORBAX_ERRORS.active -= 1
             held, _ORBAX_ERRORS.held = _ORBAX_ERRORS.held, []
             for record in held:  # errors orbax survived: show them after all
-                if record.name != "asyncio":
-                    logging.getLogger(record.name).handle(record)
+                logging.getLogger(record.name).handle(record)
             return
         if error is None:
             logged = [r.exc_info[1] for r in _ORBAX_ERRORS.held if r.exc_info]
@@ -424,6 +434,7 @@ class Checkpointer:
     def _save_failed(self, step: int, reason: str) -> CheckpointSaveError:
         self._pending = None
         self._failed = True
+        _ORBAX_ERRORS.failed = True
         _ORBAX_ERRORS.active -= 1
         _ORBAX_ERRORS.held = []
         self._manager.reload()
@@ -479,6 +490,7 @@ class Checkpointer:
         return Restored(restored["state"], data_state, restored["meta"])
 
     def _unreadable(self, step: int, error: BaseException) -> CheckpointRestoreError:
+        _ORBAX_ERRORS.failed = True
         others = [s for s in self.all_steps() if s != step]
         reason = short_reason(error)
         return CheckpointRestoreError(
@@ -684,6 +696,7 @@ def restore_params(
         with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as reader:
             return reader.restore(step_dir / "state", args=args)[item]
     except Exception as e:  # orbax/tensorstore raise many types for unreadable files
+        _ORBAX_ERRORS.failed = True
         reason = short_reason(e)
         raise CheckpointRestoreError(
             f"cannot restore checkpoint {step_dir} (corrupted or incomplete, or saved with "
