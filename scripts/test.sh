@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Sets up (with the test extra) and runs the whole test suite on 8 simulated CPU devices.
+# Sets up (with the test extra) and runs the whole test suite on 8 simulated CPU devices
+# (tests/conftest.py sets XLA_FLAGS: tests/process_testing.py).
 # The tests run in 2 processes (pytest-xdist), one file at a time each, the files with the
 # slow tests first (tests/conftest.py); extra arguments go to pytest: `-n 4` for more
 # processes, `-n 0` for one, `-m "not slow"` to leave out the tests that train runs.
@@ -9,5 +10,4 @@ bash scripts/setup.sh test
 . .venv/bin/activate
 ruff check .
 lint-imports
-XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu \
-  python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests "$@"
+python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests "$@"

@@ -19,14 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from process_testing import REPO, process_env, xla_flags
 
-# Must be set before jax is imported anywhere.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# Must be set before jax is imported anywhere. Flags given by the caller come last, so they win.
+os.environ["XLA_FLAGS"] = f"{xla_flags(8)} {os.environ.get('XLA_FLAGS', '')}".strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-REPO = Path(__file__).resolve().parents[1]
 
 # A test that uses one of these fixtures trains or converts model runs: it is marked `slow`.
 # The order is that of their work: several pretraining processes for each test that uses
@@ -132,8 +131,7 @@ def tiny_export_cli(tmp_path_factory: pytest.TempPathFactory, tiny_run_dir: Path
     verified) on a machine with one CPU device. It may have failed: see tiny_export_dir."""
 
     def convert(root: Path) -> None:
-        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-        env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+        env = process_env(1)
         command = [sys.executable, str(REPO / "convert_to_pt.py"), "--workdir", str(tiny_run_dir),
                    "--output", str(root / "export")]  # fmt: skip
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)

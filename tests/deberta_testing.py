@@ -4,11 +4,11 @@ Tiny model configs, random batches and non-trivial random weights for the model 
 overrides of configs/tiny.yaml that the pretraining and export tests train with.
 """
 
-from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from process_testing import REPO
 
 from debertina_jax.config.model import DebertaV2Config
 from debertina_jax.hf.convert import load_state_dict, model_to_state_dict
@@ -74,7 +74,6 @@ def run(model: nnx.Module, ids: np.ndarray, mask: np.ndarray, token_type_ids=Non
 
 
 # ---- runs: configs/tiny.yaml made smaller, so that a run compiles and steps in seconds ----------
-REPO = Path(__file__).resolve().parents[1]
 TINY_YAML = REPO / "configs" / "tiny.yaml"
 
 # The data and batch settings every test run shares: a 400-piece vocabulary, 64-token lines.

@@ -1,10 +1,8 @@
 """Checkpointer: sharded round trips, keep/interval policy, atomicity and clear errors."""
 
-import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +10,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from process_testing import REPO, process_env
 
 from debertina_jax.runtime.checkpointing import (
     Checkpointer,
@@ -19,8 +18,6 @@ from debertina_jax.runtime.checkpointing import (
     CheckpointRestoreError,
     restore_checkpoint,
 )
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +138,7 @@ def test_unfinished_save_is_never_the_latest(tmp_path, mesh):
 
 
 def test_process_killed_during_save_keeps_previous_checkpoint(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    env = process_env(1)
     proc = subprocess.run(
         [sys.executable, str(REPO / "tests" / "mp_worker.py"), "kill-mid-save", str(tmp_path)],
         env=env,

@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from process_testing import REPO, xla_flags
 
 from debertina_jax.runtime import distributed as dist
 
-REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("mp_worker.py")
 
 
@@ -147,7 +147,7 @@ def test_second_ctrl_c_interrupts_at_once():
 
 def test_two_processes_collectives_checkpoint_and_preemption(tmp_path):
     address = f"localhost:{free_port()}"
-    common = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    common = {"XLA_FLAGS": xla_flags(4)}
     envs = [
         {
             **common,

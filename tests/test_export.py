@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -24,6 +23,7 @@ import numpy as np
 import pytest
 from deberta_testing import TINY_RUN, TINY_YAML
 from flax import nnx
+from process_testing import REPO, process_env
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
@@ -55,7 +55,6 @@ from debertina_jax.runtime.checkpointing import (
 )
 from debertina_jax.runtime.sharding import make_mesh
 
-REPO = Path(__file__).resolve().parents[1]
 WORD = "deberta.embeddings.word_embeddings.weight"
 
 
@@ -269,8 +268,7 @@ print(json.dumps({"refused": refused, "code": code, "modules": ours, "with_optax
 
 
 def test_conversion_without_torch_and_without_the_optimizer_or_train_step(tmp_path, tiny_run_dir):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    env = process_env(1)
     out = tmp_path / "out"
     command = [sys.executable, "-c", _WITHOUT_TORCH, str(tiny_run_dir), str(out)]
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

@@ -5,7 +5,6 @@ and a two-phase run killed with SIGKILL that resumes exactly, inside a phase and
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess
@@ -16,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from process_testing import REPO, process_env
 
 from debertina_jax.config import ConfigError, load_config, sequence_phases, tokens_seen
 from debertina_jax.config.phases import phase_of_step
@@ -26,7 +26,6 @@ from debertina_jax.model.relative_position import build_relative_positions
 from debertina_jax.pretraining.pair import build_pair
 from debertina_jax.runtime.metrics_log import read_metrics
 
-REPO = Path(__file__).resolve().parents[1]
 TINY_YAML = REPO / "configs" / "tiny.yaml"
 # As a dotted override in YAML flow style; the second phase takes train.batch_size (8).
 PHASES = (
@@ -220,9 +219,7 @@ def run_settings(small_run_overrides, compile_cache_env) -> tuple[list[str], dic
         "optimizer.wsd_decay_fraction=0.5", "optimizer.discriminator_learning_rate=1e-3",
         "checkpoint.every_steps=2", "checkpoint.keep=3",
     ]  # fmt: skip
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
-               JAX_PLATFORMS="cpu", **compile_cache_env)  # fmt: skip
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    env = process_env(1, **compile_cache_env)
     return overrides, env
 
 

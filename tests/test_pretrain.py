@@ -12,7 +12,6 @@ a known step however fast the machine.
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import socket
@@ -25,6 +24,7 @@ from typing import Any
 import numpy as np
 import pytest
 from deberta_testing import REPO, SHORT_RUN, TINY_YAML
+from process_testing import process_env
 
 from debertina_jax.runtime.metrics_log import read_metrics
 
@@ -39,12 +39,7 @@ def overrides(small_run_overrides) -> list[str]:
 
 def _env(devices: int, cache: dict[str, str], **extra: str) -> dict[str, str]:
     """`cache`: conftest's compile_cache_env, so that runs of the same program compile once."""
-    env = dict(os.environ, **cache)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    env.update(extra)
-    return env
+    return process_env(devices, **cache, **extra)
 
 
 def _arguments(workdir: Path, overrides: list[str], config: Path | None = TINY_YAML) -> list[str]:

@@ -3,13 +3,13 @@ known chip only); train.profile_steps leaves a jax.profiler trace in the workdir
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from deberta_testing import REPO, TINY_YAML
+from process_testing import process_env
 
 from debertina_jax import storage
 from debertina_jax.pretraining.chips import peak_flops_per_second
@@ -46,8 +46,7 @@ def test_each_prng_resumes_exactly(impl, small_run_overrides, compile_cache_env,
     # One device, in processes of their own: a third of the compile time of the 8 simulated
     # devices of this process (measured), and jax's PRNG setting stays out of this process.
     # The second run compiles the same programs: the session's persistent cache spares that.
-    env = dict(os.environ, **compile_cache_env, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=1")  # fmt: skip
+    env = process_env(1, **compile_cache_env)
     _pretrain(tmp_path, overrides, env)
     first = {r["step"]: r for r in read_metrics(tmp_path, split="train")}
     storage.remove_tree(str(tmp_path / "checkpoints" / "6"))  # as if killed after step 5

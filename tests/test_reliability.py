@@ -10,7 +10,6 @@ where no training is needed, and one short trained run reused by the checkpoint 
 from __future__ import annotations
 
 import ast
-import os
 import re
 import resource
 import shutil
@@ -21,11 +20,11 @@ from pathlib import Path
 
 import pytest
 from deberta_testing import SHORT_RUN, SMALL_RUN
+from process_testing import REPO, process_env
 from test_workdir_lock import hold_lock
 
 from debertina_jax.runtime.metrics_log import read_metrics
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
 
 
@@ -44,8 +43,7 @@ def _run(
     file_size_limit: int | None = None,
 ) -> subprocess.CompletedProcess:
     """run_pretrain.py; the runs that train use 1 device, as tests/test_pretrain.py's do."""
-    env = dict(os.environ, **cache)
-    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    env = process_env(devices, **cache)
 
     def limit_file_size() -> None:  # a full disk, as far as files over the limit go
         resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
 import re
 import subprocess
@@ -26,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from deberta_testing import REPO, SHORT_RUN, TINY_YAML
+from process_testing import process_env
 
 from debertina_jax.data.tokenizer import REQUIRED_CHARS
 from debertina_jax.runtime.metrics_log import read_metrics
@@ -37,9 +37,7 @@ SYMBOLS = _GREEK + _GREEK.upper()
 
 
 def _env(cache: dict[str, str]) -> dict[str, str]:
-    env = dict(os.environ, **cache)
-    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
-    return env
+    return process_env(1, **cache)
 
 
 def _pretrain(*arguments: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

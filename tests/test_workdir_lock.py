@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from process_testing import REPO
 
 from debertina_jax.runtime.workdir_lock import (
     LOCK_FILE,
@@ -24,8 +25,6 @@ from debertina_jax.runtime.workdir_lock import (
     WorkdirLockedError,
     lock_store_for,
 )
-
-REPO = Path(__file__).resolve().parents[1]
 
 HOLD = """
 import sys, time
