@@ -17,15 +17,18 @@ REPO = Path(__file__).resolve().parents[1]
 TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
 
 
-def xla_flags(devices: int) -> str:
-    """XLA_FLAGS for a process with `devices` simulated CPU devices."""
-    return f"--xla_force_host_platform_device_count={devices} {TEST_XLA_FLAGS}"
+def xla_flags(devices: int, optimized: bool = False) -> str:
+    """XLA_FLAGS for a process with `devices` simulated CPU devices; `optimized` keeps XLA's
+    default optimisation, for a process that trains long enough for it to pay."""
+    return f"--xla_force_host_platform_device_count={devices}" + (
+        "" if optimized else f" {TEST_XLA_FLAGS}"
+    )
 
 
-def process_env(devices: int, **extra: str) -> dict[str, str]:
+def process_env(devices: int, optimized: bool = False, **extra: str) -> dict[str, str]:
     """This process's environment for a child JAX process on `devices` CPU devices that
-    imports this checkout, plus `extra`."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(devices))
+    imports this checkout (compiled as `xla_flags` says), plus `extra`."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(devices, optimized))
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     env.update(extra)
     return env

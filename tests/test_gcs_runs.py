@@ -4,8 +4,8 @@ One bucket for the module: an uninterrupted reference run, which prepares the da
 bucket (tokenizer and shards, read by every later run through its own local copy); a run
 killed with SIGKILL after a checkpoint and started again must log the same losses, read back
 from the bucket; a simulated pod (2 processes x 1 CPU device, each with only its own private
-local directories) the same losses as one process on 2 devices; an export from the bucket,
-verified, loads in transformers.
+local directories), both killed with SIGKILL and started again, the same losses as one process
+on 2 devices; an export from the bucket, verified, loads in transformers.
 
 Two devices and one layer: what is tested is the storage, not the sharding (test_distributed.py
 and the tiny run do that), and each of these processes compiles on the 2 shared cores.
@@ -14,7 +14,6 @@ and the tiny run do that), and each of these processes compiles on the 2 shared 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -25,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from deberta_testing import REPO, SMALL_RUN, TINY_YAML
+from process_testing import process_env
 
 from debertina_jax import storage
 from debertina_jax.runtime.metrics_log import read_metrics
@@ -52,8 +52,7 @@ def _env(private: Path, devices: int = DEVICES, **extra: str) -> dict[str, str]:
     """A process's environment with nothing local shared: its own cache, temp and XLA cache."""
     for name in ("cache", "tmp", "xla"):
         (private / name).mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env = process_env(devices)
     env["DEBERTINA_CACHE"] = str(private / "cache")
     env["TMPDIR"] = str(private / "tmp")
     env["JAX_COMPILATION_CACHE_DIR"] = str(private / "xla")
@@ -134,18 +133,59 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_sharing_only_the_bucket_log_the_same_losses(bucket_runs, tmp_path):
-    bucket, overrides, reference, _ = bucket_runs
-    workdir = f"{bucket}/pod"
+def _start_pod(
+    workdir: str, overrides: list[str], hosts: Path, *pause: str
+) -> list[subprocess.Popen]:
+    """The 2 processes of a simulated pod, each with only its own private directories under
+    `hosts`; `pause`: tests/mp_worker.py's "pause-at STEP MARKER" before the run's arguments."""
     pod = {"JAX_COORDINATOR_ADDRESS": f"localhost:{_free_port()}", "JAX_NUM_PROCESSES": "2"}
-    processes = [
+    command = _command(workdir, overrides)
+    if pause:
+        command = [sys.executable, str(REPO / "tests" / "mp_worker.py"), "pause-at", *pause,
+                   *command[2:]]  # fmt: skip
+    return [
         subprocess.Popen(
-            _command(workdir, overrides),
-            env=_env(tmp_path / f"host{i}", DEVICES // 2, **pod, JAX_PROCESS_ID=str(i)),
-            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            command, env=_env(hosts / f"host{i}", DEVICES // 2, **pod, JAX_PROCESS_ID=str(i)),
+            cwd=hosts, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         for i in range(2)
     ]
+
+
+def test_two_processes_sharing_only_the_bucket_killed_and_resumed_log_the_same_losses(
+    bucket_runs, tmp_path
+):
+    """kill -9 of both processes of a pod once checkpoint 4 is in the bucket, then the same
+    command on both: they resume from step 4, keep the rows before it, and log the losses of
+    one process on 2 devices."""
+    bucket, overrides, reference, _ = bucket_runs
+    workdir = f"{bucket}/pod"
+    overrides = overrides + [f"checkpoint.every_steps={KILLED_AFTER}"]
+    marker, pause_at = tmp_path / "paused", KILLED_AFTER + 2
+    processes = _start_pod(workdir, overrides, tmp_path, str(pause_at), str(marker))
+    try:
+        deadline = time.monotonic() + 300
+        while not (
+            all(Path(f"{marker}.{i}").exists() for i in range(2))
+            and storage.exists(f"{workdir}/checkpoints/{KILLED_AFTER}/commit_success.txt")
+        ):
+            for p in processes:
+                assert p.poll() is None, p.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, f"no pause before step {pause_at} in time"
+            time.sleep(0.1)
+        for p in processes:
+            p.send_signal(signal.SIGKILL)
+        for p in processes:
+            p.communicate(timeout=60)
+    finally:
+        for p in processes:
+            p.kill()
+    assert [p.returncode for p in processes] == [-signal.SIGKILL] * 2
+    # The rows up to the checkpoint are in the bucket (later ones may not be: flushed later).
+    assert set(range(1, KILLED_AFTER + 1)) <= set(_losses(workdir)) < set(range(1, pause_at + 1))
+    kept = [r for r in read_metrics(workdir) if r["step"] <= KILLED_AFTER]
+
+    processes = _start_pod(workdir, overrides, tmp_path)
     try:
         outputs = [p.communicate(timeout=500) for p in processes]
     finally:
@@ -153,7 +193,10 @@ def test_two_processes_sharing_only_the_bucket_log_the_same_losses(bucket_runs, 
             p.kill()
     for p, (_, err) in zip(processes, outputs, strict=True):
         assert p.returncode == 0, err[-3000:]
+        assert f"resumed from the checkpoint of step {KILLED_AFTER}" in err, err[-3000:]
+    assert [r for r in read_metrics(workdir) if r["step"] <= KILLED_AFTER] == kept
     got = _losses(workdir)
+    assert sorted(got) == list(range(1, STEPS + 1))  # no step logged twice or missing
     np.testing.assert_allclose([got[s] for s in range(1, STEPS + 1)],
                                [reference[s] for s in range(1, STEPS + 1)], rtol=2e-5)  # fmt: skip
     # Each host read the bucket's shards through its own copy, and saved its own data state.
@@ -161,6 +204,15 @@ def test_two_processes_sharing_only_the_bucket_log_the_same_losses(bucket_runs, 
         assert any((tmp_path / f"host{i}" / "cache" / "prepared").iterdir())
         state = f"{workdir}/checkpoints/{STEPS}/data/process_{i}-of-2.json"
         assert json.loads(storage.read_text(state))
+
+    # The checkpoint the two processes wrote loads in one process, from the bucket.
+    from debertina_jax.export.checkpoint import load_checkpoint
+
+    loaded = load_checkpoint(workdir)
+    assert loaded.step == STEPS
+    ids = np.array([[1, 20, 30, 40, 2, 0]], np.int32)
+    logits = loaded.discriminator(ids, attention_mask=(ids != 0).astype(np.int32))
+    assert logits.shape == (1, 6) and np.isfinite(np.asarray(logits)).all()
 
 
 def test_export_from_the_bucket_loads_in_transformers(bucket_runs, tmp_path):

@@ -1,8 +1,9 @@
 """The whole pretraining run, as users start it: run_pretrain.py in a subprocess.
 
 Covers stopping by SIGTERM, Ctrl-C and SIGKILL and resuming (from the step each stop left, with
-the rows logged before it untouched and the losses of an uninterrupted run), the same for two
-processes killed together, and config errors. What the runs learn: tests/test_learning.py.
+the rows logged before it untouched and the losses of an uninterrupted run), and config errors.
+Two processes killed together and resumed: tests/test_gcs_runs.py (a pod whose hosts share only
+a bucket). What the runs learn: tests/test_run_cli.py.
 
 Kept cheap: a 1-layer discriminator and generator, 8 steps, one device, the session's prepared
 data and compilation cache (conftest), and one reference run shared by the tests. The signals
@@ -14,14 +15,12 @@ from __future__ import annotations
 
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 from deberta_testing import REPO, SHORT_RUN, TINY_YAML
 from process_testing import process_env
@@ -184,83 +183,6 @@ def test_sigterm_then_sigkill_then_resume_gives_the_same_losses(
     assert rows[7]["time"] > killed_at > before_kill[7]["time"]
     for step in range(1, STEPS + 1):
         assert rows[step]["loss"] == reference[step], f"step {step}"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
-def _pod_env(process_id: int, port: int, cache: dict[str, str]) -> dict[str, str]:
-    """One of 2 processes x 4 CPU devices, gloo collectives: a simulated pod."""
-    return _env(4, cache, JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
-                JAX_PROCESS_ID=str(process_id))  # fmt: skip
-
-
-def test_two_processes_killed_and_resumed_give_the_losses_of_one_device(
-    reference, overrides, compile_cache_env, tmp_path
-):
-    """kill -9 of both processes of a 2-process run (one shared workdir) after checkpoint 4,
-    then the same command: it resumes from step 4 and ends with the 1-device losses."""
-    # (Meshes of 8 devices in one process, data=8, fsdp=8 and 2x2x2, are compared with one
-    # device in tests/test_train_step.py.)
-    workdir, marker = tmp_path / "pod", tmp_path / "paused"
-    arguments = _arguments(workdir, overrides)
-    port = _free_port()
-    processes = [_start_paused(arguments, 6, marker, _pod_env(i, port, compile_cache_env))
-                 for i in range(2)]  # fmt: skip
-    try:
-        _wait_for(lambda: all(Path(f"{marker}.{i}").exists() for i in range(2))
-                  and 4 in _checkpoints(workdir), processes, "step 6 and checkpoint 4")  # fmt: skip
-        for p in processes:
-            p.send_signal(signal.SIGKILL)
-        for p in processes:
-            p.communicate(timeout=60)
-    finally:
-        for p in processes:
-            p.kill()
-    assert [p.returncode for p in processes] == [-signal.SIGKILL] * 2
-    assert sorted(_rows(workdir)) == [1, 2, 3, 4, 5]
-    before_kill = _rows(workdir)
-
-    port = _free_port()
-    processes = [
-        subprocess.Popen(
-            [sys.executable, str(REPO / "run_pretrain.py"), *arguments],
-            env=_pod_env(i, port, compile_cache_env),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
-        for i in range(2)
-    ]
-    try:
-        outputs = [p.communicate(timeout=600) for p in processes]
-    finally:
-        for p in processes:
-            p.kill()
-    for p, (_, err) in zip(processes, outputs, strict=True):
-        assert p.returncode == 0, err[-3000:]
-        assert _resumed_from(err) == [4], err[-3000:]
-    rows = _rows(workdir)
-    assert sorted(rows) == list(range(1, STEPS + 1))
-    assert {s: rows[s] for s in range(1, 5)} == {s: before_kill[s] for s in range(1, 5)}
-    assert rows[5]["time"] > before_kill[5]["time"]
-    got = [rows[s]["loss"] for s in range(1, STEPS + 1)]
-    expected = [reference[s] for s in range(1, STEPS + 1)]
-    np.testing.assert_allclose(got, expected, rtol=2e-5, err_msg="2 processes")
-    assert STEPS in _checkpoints(workdir)
-
-    # The checkpoint of the sharded two-process run loads on one CPU.
-    from debertina_jax.export.checkpoint import load_checkpoint
-
-    loaded = load_checkpoint(workdir)
-    assert loaded.step == STEPS
-    ids = np.array([[1, 20, 30, 40, 2, 0]], np.int32)
-    logits = loaded.discriminator(ids, attention_mask=(ids != 0).astype(np.int32))
-    assert logits.shape == (1, 6) and np.isfinite(np.asarray(logits)).all()
-    assert loaded.generator(ids).shape == (1, 6, loaded.config.model.vocab_size)
 
 
 @pytest.mark.parametrize(

@@ -123,7 +123,9 @@ def staged_run(tmp_path_factory, compile_cache_env) -> dict:
         done = _ok(_pretrain(*command, "--stage", stage, env=env))
         seen[stage] = {"stdout": done.stdout, "stderr": done.stderr, "files": _files(workdir),
                        "tokenizer": (workdir / "tokenizer" / "tokenizer.json").stat()}  # fmt: skip
-    seen["train"] = {"stderr": _ok(_pretrain(*command, env=env)).stderr}
+    # 400 steps: running, not compiling, is what takes the time here (61 s -> 44 s optimised).
+    trained = _pretrain(*command, env=process_env(1, optimized=True, **compile_cache_env))
+    seen["train"] = {"stderr": _ok(trained).stderr}
     return seen
 
 
