@@ -56,13 +56,13 @@ def _gradients(config: Config) -> dict[str, dict]:
     graphdef, params = nnx.split(build_pair(config, 0), nnx.Param)
     ids, rng = _batch(), jax.random.key(3)
 
-    # Eager on purpose: the three sharing modes share their (small) per-op compilations,
-    # where a jit of each would compile three whole programs.
+    # One jit per sharing mode: with LLVM's optimisations off (tests/process_testing.py) three
+    # whole programs compile faster than the hundreds of per-op programs of eager mode.
     def parts(p):
         _, m = electra_loss(nnx.merge(graphdef, p), ids, rng, config, train=True)
         return jnp.stack([m["loss"], m["mlm_loss"], m["rtd_loss"]])
 
-    jac = nnx.to_pure_dict(jax.jacrev(parts)(params))
+    jac = nnx.to_pure_dict(jax.jit(jax.jacrev(parts))(params))
     return {
         name: jax.tree.map(lambda g, i=i: np.asarray(g[i]), jac)
         for i, name in enumerate(("loss", "mlm", "rtd"))
