@@ -40,7 +40,8 @@ def test_each_prng_resumes_exactly(impl, small_run_overrides, compile_cache_env,
     profile = ["train.profile_steps=[2, 3]"] if impl == "rbg" else []
     overrides = small_run_overrides + [
         "model.num_hidden_layers=1", "generator.num_hidden_layers=1", "train.steps=6",
-        "train.log_every_steps=1", "train.eval_every_steps=1000", "checkpoint.every_steps=3",
+        "train.log_every_steps=1", "train.eval_every_steps=1000", "train.eval_batches=0",
+        "checkpoint.every_steps=3",
         f"train.prng_impl={impl}", "mesh.data=1", *profile,
     ]  # fmt: skip
     # One device, in processes of their own: a third of the compile time of the 8 simulated
