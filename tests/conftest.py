@@ -184,5 +184,26 @@ def small_run_overrides(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     return SMALL_RUN + _small_run_data(_made_once(tmp_path_factory, "small_run_data", prepare))
 
 
+@pytest.fixture(scope="session")
+def short_run_dir(
+    tmp_path_factory: pytest.TempPathFactory,
+    small_run_overrides: list[str],
+    compile_cache_env: dict[str, str],
+) -> Path:
+    """The workdir of `run_pretrain.py` with small_run_overrides + deberta_testing.SHORT_RUN on
+    one device, uninterrupted: 8 steps, checkpoints 2, 4, 6 and 8. The runs that are stopped
+    and resumed are compared with it; tests that damage it work on a copy."""
+    from deberta_testing import SHORT_RUN, TINY_YAML
+
+    def train(workdir: Path) -> None:
+        command = [sys.executable, str(REPO / "run_pretrain.py"), "--config", str(TINY_YAML),
+                   "--workdir", str(workdir), *small_run_overrides, *SHORT_RUN]  # fmt: skip
+        done = subprocess.run(command, env=process_env(1, **compile_cache_env),
+                              capture_output=True, text=True, timeout=600)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    return _made_once(tmp_path_factory, "short_run", train)
+
+
 # The GCS emulator: gcs_emulator (session) and gcs_bucket (a fresh bucket per test).
 from gcs_testing import gcs_bucket, gcs_emulator  # noqa: E402,F401

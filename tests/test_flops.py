@@ -1,8 +1,10 @@
-"""The model-FLOP formula against counts done by hand for tiny configs."""
+"""The model-FLOP formula against counts done by hand for tiny configs; the chips whose peak
+FLOP/s gives the MFU."""
 
 import pytest
 
 from debertina_jax.config import config_from_dict
+from debertina_jax.pretraining.chips import peak_flops_per_second
 from debertina_jax.pretraining.flops import (
     TRAIN_MULTIPLIER,
     mfu,
@@ -105,3 +107,13 @@ def test_enhanced_mask_decoder_runs_the_last_generator_layer_twice():
     emd = train_step_flops(config_from_dict(raw), batch=2, seq_len=4)
     # discriminator 2 layers + generator 1 backbone layer + 2 EMD passes of its last layer.
     assert emd.dense == 5 * 8192
+
+
+@pytest.mark.parametrize(
+    "kind, peak",
+    [("TPU v4", 275e12), ("TPU v5 lite", 197e12), ("TPU v5p", 459e12), ("TPU v6 lite", 918e12),
+     ("NVIDIA A100-SXM4-40GB", 312e12), ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H200", 989e12),
+     ("cpu", None), ("TPU v3", None)],
+)  # fmt: skip
+def test_chip_peaks(kind, peak):
+    assert peak_flops_per_second(kind) == peak

@@ -17,6 +17,7 @@ import pytest
 from flax import nnx
 from process_testing import REPO, process_env
 
+from debertina_jax import storage
 from debertina_jax.config import ConfigError, load_config, sequence_phases, tokens_seen
 from debertina_jax.config.phases import phase_of_step
 from debertina_jax.data import format as fmt
@@ -210,22 +211,26 @@ sys.exit(main(sys.argv[1:]))
 @pytest.fixture(scope="module")
 def run_settings(small_run_overrides, compile_cache_env) -> tuple[list[str], dict[str, str]]:
     """Overrides of a 10-step run: 4 steps of 16 x 32 tokens, 6 of 8 x 64, with the decoupled
-    optimizers, wsd (decay from step 5) and the EMA; and the children's environment."""
+    optimizers, wsd (decay from step 5), the EMA and the rbg PRNG (threefry, the default, is
+    resumed in test_pretrain.py, unsafe_rbg in test_gcs_runs.py); and the children's
+    environment."""
     overrides = small_run_overrides + [
         "model.num_hidden_layers=1", "generator.num_hidden_layers=1", "model.hidden_size=32",
         "model.intermediate_size=64", "model.num_attention_heads=2", "train.steps=10",
         f"train.phases={PHASES}", "train.log_every_steps=1", "train.eval_every_steps=5",
         "train.ema_decay=0.9", "optimizer.decoupled=true", "optimizer.schedule=wsd",
         "optimizer.wsd_decay_fraction=0.5", "optimizer.discriminator_learning_rate=1e-3",
-        "checkpoint.every_steps=2", "checkpoint.keep=3",
+        "checkpoint.every_steps=2", "checkpoint.keep=3", "train.prng_impl=rbg",
     ]  # fmt: skip
     env = process_env(1, **compile_cache_env)
     return overrides, env
 
 
-def _train(workdir: Path, settings, kill_at: int | None = None) -> subprocess.CompletedProcess:
+def _train(
+    workdir: Path, settings, kill_at: int | None = None, extra: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess:
     overrides, env = settings
-    args = ["--config", str(TINY_YAML), "--workdir", str(workdir), *overrides]
+    args = ["--config", str(TINY_YAML), "--workdir", str(workdir), *overrides, *extra]
     env = dict(env, KILL_AT=str(kill_at or 0))
     return subprocess.run([sys.executable, "-c", KILLER, *args], env=env, capture_output=True,
                           text=True, timeout=600)  # fmt: skip
@@ -241,11 +246,16 @@ def _checkpoints(workdir: Path) -> list[int]:
 
 @pytest.fixture(scope="module")
 def reference(run_settings, tmp_path_factory) -> dict[int, dict]:
+    """The uninterrupted run's rows; it also traces steps 2 and 3 with jax.profiler (which
+    changes nothing the run computes)."""
     workdir = tmp_path_factory.mktemp("reference")
-    done = _train(workdir, run_settings)
+    done = _train(workdir, run_settings, extra=("train.profile_steps=[2, 3]",))
     assert done.returncode == 0, done.stderr[-3000:]
     rows = _rows(workdir)
     assert sorted(rows) == list(range(1, 11))
+    traces = storage.walk_files(str(workdir / "profile"))
+    assert [f for f in traces if f.endswith("xplane.pb")], traces
+    assert rows[10]["seq_per_second"] > 0 and "mfu" not in rows[10]  # a CPU has no known peak
     return rows
 
 

@@ -105,12 +105,9 @@ def _resumed_from(stderr: str) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def reference(overrides, compile_cache_env, tmp_path_factory) -> dict[int, float]:
-    """The losses of an uninterrupted run."""
-    workdir = tmp_path_factory.mktemp("reference")
-    done = _run(_arguments(workdir, overrides), compile_cache_env)
-    assert _resumed_from(done.stderr) == []
-    losses = _losses(workdir)
+def reference(short_run_dir) -> dict[int, float]:
+    """The losses of an uninterrupted run (conftest.short_run_dir: these overrides)."""
+    losses = _losses(short_run_dir)
     assert sorted(losses) == list(range(1, STEPS + 1))
     return losses
 

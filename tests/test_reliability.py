@@ -133,12 +133,10 @@ def test_a_bad_corpus_names_the_file_and_leaves_no_workdir(tmp_path, compile_cac
 
 
 @pytest.fixture(scope="module")
-def trained(data_overrides, compile_cache_env, tmp_path_factory) -> Path:
-    """A run of 8 steps with checkpoints 2, 4, 6 and 8; tests work on copies."""
-    workdir = tmp_path_factory.mktemp("trained")
-    done = _run(workdir, data_overrides, cache=compile_cache_env, devices=1)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return workdir
+def trained(short_run_dir) -> Path:
+    """A run of data_overrides (conftest.short_run_dir): checkpoints 2, 4, 6 and 8; tests work
+    on copies."""
+    return short_run_dir
 
 
 def _copy(trained: Path, tmp_path: Path) -> Path:
