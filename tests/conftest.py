@@ -33,6 +33,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 RUN_FIXTURES = ("small_run_overrides", "tiny_run_dir")
 
 
+# The two longest files start first, one on each worker: test_export.py makes the tiny run and
+# its export, which later files reuse (a file that needs them while another worker makes them
+# waits idle), and test_gcs_runs.py shares nothing with the others.
+FIRST_FILES = ("test_export.py", "test_gcs_runs.py")
+
+
 def _run_fixture_rank(item: pytest.Item) -> int:
     """The index in RUN_FIXTURES of the first run fixture the test uses; len() if none."""
     used = [i for i, name in enumerate(RUN_FIXTURES) if name in item.fixturenames]
@@ -46,11 +52,10 @@ def pytest_itemcollected(item: pytest.Item) -> None:
 
 @pytest.hookimpl(trylast=True)  # after pytest's own ordering by fixture
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Under pytest-xdist, the files with slow tests first (in the order of RUN_FIXTURES), so
-    that the long work starts at once and the short files even out the end: scripts/test.sh
-    hands out whole files (`--dist loadfile`) in the order of their first test
-    (`--no-loadscope-reorder`). The first file that needs tiny_run_dir makes the run, and its
-    worker usually takes the next such file. A plain run keeps the order of the files.
+    """Under pytest-xdist, FIRST_FILES, then the files with slow tests (in the order of
+    RUN_FIXTURES), so that the long work starts at once and the short files even out the end:
+    scripts/test.sh hands out whole files (`--dist loadfile`) in the order of their first test
+    (`--no-loadscope-reorder`). A plain run keeps the order of the files.
 
     (Not `--dist loadgroup`: with pytest 9.2 it silently ignores the groups,
     pytest-dev/pytest-xdist#1386.)
@@ -60,6 +65,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     rank: dict[Path, int] = {}
     for item in items:
         rank[item.path] = min(rank.get(item.path, len(RUN_FIXTURES)), _run_fixture_rank(item))
+    for item in items:
+        if item.path.name in FIRST_FILES:
+            rank[item.path] = -1 - FIRST_FILES[::-1].index(item.path.name)
     # Stable: the files of one rank, and each file's tests, keep their order.
     items.sort(key=lambda item: rank[item.path])
 

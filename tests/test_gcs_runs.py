@@ -32,7 +32,7 @@ from debertina_jax.runtime.metrics_log import read_metrics
 # They train runs: scripts/test.sh starts them first (tests/conftest.py).
 pytestmark = pytest.mark.slow
 
-STEPS = 16
+STEPS = 8
 RUN = SMALL_RUN + [
     "model.num_hidden_layers=1",
     "generator.num_hidden_layers=1",
