@@ -173,6 +173,19 @@ def compile_cache_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str
     }
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _shared_compilation_cache(compile_cache_env: dict[str, str]) -> None:
+    """The test processes compile into the same persistent cache as the runs they start: a
+    program that another test process (the other xdist worker) or run compiled already is read
+    back, not compiled again (test_decoupled + test_ema: 34 s cold, 16 s from the cache).
+    Set before this process's first compilation, which is when JAX reads it."""
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", compile_cache_env["JAX_COMPILATION_CACHE_DIR"])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
 def _small_run_data(root: Path) -> list[str]:
     return [f"data.tokenizer_dir={root}/tokenizer", f"data.prepared_dir={root}/data"]
 
