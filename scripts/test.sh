@@ -10,4 +10,4 @@ bash scripts/setup.sh test
 . .venv/bin/activate
 ruff check .
 lint-imports
-python -m pytest -q -n 3 --dist loadfile --no-loadscope-reorder tests "$@"
+python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests "$@"
