@@ -67,7 +67,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         rank[item.path] = min(rank.get(item.path, len(RUN_FIXTURES)), _run_fixture_rank(item))
     for item in items:
         if item.path.name in FIRST_FILES:
-            rank[item.path] = -1 - FIRST_FILES[::-1].index(item.path.name)
+            rank[item.path] = FIRST_FILES.index(item.path.name) - len(FIRST_FILES)
     # Stable: the files of one rank, and each file's tests, keep their order.
     items.sort(key=lambda item: rank[item.path])
 
