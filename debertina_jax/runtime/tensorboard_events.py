@@ -90,8 +90,7 @@ class EventFile:
         # would otherwise share a name (a bucket copy would overwrite the first's events), and
         # readers order files by name, so the later run's file must sort last.
         name = f"events.out.tfevents.{int(now):010d}.{socket.gethostname()}.{time.time_ns()}"
-        self.path = os.path.join(directory, name)
-        self._file = open(self.path, "ab")  # noqa: SIM115 (open for the writer's life)
+        self._file = open(os.path.join(directory, name), "ab")  # noqa: SIM115 (open for the writer's life)
         self._write(event(now, file_version="brain.Event:2"))
         if purge_step is not None:
             start = _field(_SESSION_LOG_STATUS, _VARINT, _varint(_SESSION_LOG_START))
