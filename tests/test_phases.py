@@ -14,8 +14,9 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from deberta_testing import TINY_YAML
 from flax import nnx
-from process_testing import REPO, process_env
+from process_testing import process_env
 
 from debertina_jax import storage
 from debertina_jax.config import ConfigError, load_config, sequence_phases, tokens_seen
@@ -27,7 +28,6 @@ from debertina_jax.model.relative_position import build_relative_positions
 from debertina_jax.pretraining.pair import build_pair
 from debertina_jax.runtime.metrics_log import read_metrics
 
-TINY_YAML = REPO / "configs" / "tiny.yaml"
 # As a dotted override in YAML flow style; the second phase takes train.batch_size (8).
 PHASES = (
     "[{until_step: 4, max_seq_length: 32, batch_size: 16}, {until_step: 10, max_seq_length: 64}]"

@@ -19,13 +19,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from deberta_testing import SHORT_RUN, SMALL_RUN
+from deberta_testing import SHORT_RUN, SMALL_RUN, TINY_YAML
 from process_testing import REPO, process_env
 from test_workdir_lock import hold_lock
 
 from debertina_jax.runtime.metrics_log import read_metrics
-
-TINY = REPO / "configs" / "tiny.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +46,7 @@ def _run(
     def limit_file_size() -> None:  # a full disk, as far as files over the limit go
         resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
 
-    command = [sys.executable, str(REPO / "run_pretrain.py"), "--config", str(TINY),
+    command = [sys.executable, str(REPO / "run_pretrain.py"), "--config", str(TINY_YAML),
                "--workdir", str(workdir), *args, *overrides]  # fmt: skip
     return subprocess.run(
         command,
