@@ -19,7 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from process_testing import REPO, process_env, xla_flags
+from process_testing import (
+    REPO,
+    compilation_cache_env,
+    compilation_cache_settings,
+    process_env,
+    xla_flags,
+)
 
 # Must be set before jax is imported anywhere. Flags given by the caller come last, so they win.
 os.environ["XLA_FLAGS"] = f"{xla_flags(8)} {os.environ.get('XLA_FLAGS', '')}".strip()
@@ -166,24 +172,23 @@ def compile_cache_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str
     one persistent compilation cache for the session, so that processes that run the same
     program (same config and mesh) compile it once. (JAX reads and writes it safely from
     several processes at once.)"""
-    return {
-        "JAX_COMPILATION_CACHE_DIR": str(_session_dir(tmp_path_factory) / "jax_compilation_cache"),
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
-    }
+    return compilation_cache_env(_compilation_cache_dir(tmp_path_factory))
+
+
+def _compilation_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _session_dir(tmp_path_factory) / "jax_compilation_cache"
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _shared_compilation_cache(compile_cache_env: dict[str, str]) -> None:
+def _shared_compilation_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     """The test processes compile into the same persistent cache as the runs they start: a
     program that another test process (the other xdist worker) or run compiled already is read
     back, not compiled again (test_decoupled + test_ema: 34 s cold, 16 s from the cache).
     Set before this process's first compilation, which is when JAX reads it."""
     import jax
 
-    jax.config.update("jax_compilation_cache_dir", compile_cache_env["JAX_COMPILATION_CACHE_DIR"])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    for name, value in compilation_cache_settings(_compilation_cache_dir(tmp_path_factory)).items():
+        jax.config.update(name, value)
 
 
 def _small_run_data(root: Path) -> list[str]:

@@ -28,6 +28,24 @@ def xla_flags(devices: int, optimized: bool = False) -> str:
     )
 
 
+def compilation_cache_settings(directory: str | Path) -> dict[str, str | int]:
+    """JAX options (`jax.config` names) for a persistent compilation cache in `directory` that
+    keeps every program, however small or quick to compile: the test processes and the runs
+    they start then read back what another of them compiled. The same as environment
+    variables for a child process: `compilation_cache_env`."""
+    return {
+        "jax_compilation_cache_dir": str(directory),
+        "jax_persistent_cache_min_compile_time_secs": 0,
+        "jax_persistent_cache_min_entry_size_bytes": -1,
+    }
+
+
+def compilation_cache_env(directory: str | Path) -> dict[str, str]:
+    """`compilation_cache_settings` as the environment variables JAX reads them from."""
+    settings = compilation_cache_settings(directory)
+    return {name.upper(): str(value) for name, value in settings.items()}
+
+
 def process_env(devices: int, optimized: bool = False, **extra: str) -> dict[str, str]:
     """This process's environment for a child JAX process on `devices` CPU devices that
     imports this checkout (compiled as `xla_flags` says), plus `extra`."""

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from deberta_testing import REPO, SMALL_RUN, TINY_YAML
-from process_testing import process_env
+from process_testing import compilation_cache_env, process_env
 
 from debertina_jax import storage
 from debertina_jax.runtime.metrics_log import read_metrics
@@ -54,19 +54,22 @@ def _env(private: Path, devices: int = DEVICES, **extra: str) -> dict[str, str]:
     """A process's environment with nothing local shared: its own cache, temp and XLA cache."""
     for name in ("cache", "tmp", "xla"):
         (private / name).mkdir(parents=True, exist_ok=True)
-    env = process_env(devices)
-    env["DEBERTINA_CACHE"] = str(private / "cache")
-    env["TMPDIR"] = str(private / "tmp")
-    env["JAX_COMPILATION_CACHE_DIR"] = str(private / "xla")
-    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-    env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
-    env.update(extra)
-    return env
+    return process_env(
+        devices,
+        DEBERTINA_CACHE=str(private / "cache"),
+        TMPDIR=str(private / "tmp"),
+        **compilation_cache_env(private / "xla"),
+        **extra,
+    )
+
+
+def _arguments(workdir: str, overrides: list[str], *extra: str) -> list[str]:
+    """run_pretrain.py's arguments (also what tests/mp_worker.py's pause-at passes on)."""
+    return ["--config", str(TINY_YAML), "--workdir", workdir, *extra, *overrides]
 
 
 def _command(workdir: str, overrides: list[str], *extra: str) -> list[str]:
-    return [sys.executable, str(REPO / "run_pretrain.py"), "--config", str(TINY_YAML),
-            "--workdir", workdir, *extra, *overrides]  # fmt: skip
+    return [sys.executable, str(REPO / "run_pretrain.py"), *_arguments(workdir, overrides, *extra)]
 
 
 def _run(workdir: str, overrides: list[str], env: dict[str, str], *extra: str) -> str:
@@ -110,7 +113,7 @@ def _start_pod(
     command = _command(workdir, overrides)
     if pause:
         command = [sys.executable, str(REPO / "tests" / "mp_worker.py"), "pause-at", *pause,
-                   *command[2:]]  # fmt: skip
+                   *_arguments(workdir, overrides)]  # fmt: skip
     return [
         subprocess.Popen(
             command, env=_env(hosts / f"host{i}", DEVICES // 2, **pod, JAX_PROCESS_ID=str(i)),
